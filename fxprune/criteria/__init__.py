@@ -1,0 +1,5 @@
+"""Scoring criteria, one per file, registered by name."""
+from . import bn_scale, magnitude, random  # noqa: F401  (registration)
+from .base import Criterion, ScoreContext, available, get_criterion, register_criterion
+
+__all__ = ["Criterion", "ScoreContext", "available", "get_criterion", "register_criterion"]

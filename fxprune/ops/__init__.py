@@ -1,0 +1,8 @@
+"""Op rules, one module per op family. Importing this package registers them all."""
+from . import concat, conv, elementwise, io, linear, norm, reshape, split  # noqa: F401  (registration)
+from .registry import OpRule, lookup, module_rule, register_functions, register_op
+
+norm.register_torchvision()
+elementwise.register_torchvision()
+
+__all__ = ["OpRule", "lookup", "module_rule", "register_op", "register_functions"]

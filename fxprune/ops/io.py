@@ -1,0 +1,67 @@
+"""Graph inputs, outputs and tensor attributes (``get_attr``)."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.fx as fx
+
+from ..graph.coupling import Coupling
+from ..passes.context import RewriteContext, SizeContext
+from .registry import OpRule, register_op
+from .tensor_attr import index_tensor, resolve, slice_attr
+
+
+@register_op(fx_op="placeholder")
+class InputRule(OpRule):
+    """Model inputs keep their shape: every slot is frozen."""
+
+    name = "input"
+
+    def frozen_reason(self, node: fx.Node, space: object) -> str:
+        return f"model input '{node.target}'"
+
+
+@register_op(fx_op="output")
+class OutputRule(OpRule):
+    """What feeds the model's output is never shrunk."""
+
+    name = "output"
+
+    def frozen_reason(self, node: fx.Node, space: object) -> str:
+        return "model output"
+
+
+def _fetch(gm: fx.GraphModule, path: str) -> torch.Tensor:
+    owner, name = resolve(gm, path)
+    return getattr(owner, name)
+
+
+@register_op(fx_op="get_attr")
+class AttributeRule(OpRule):
+    """A tensor attribute used in the graph (e.g. a layer scale or a position embedding): any dim may shrink."""
+
+    name = "attribute"
+
+    def couple(self, node: fx.Node, c: Coupling) -> None:
+        y = c.out()
+        if y is None:
+            return
+        for d, n in enumerate(y.shape):
+            c.tie(y.space(d), c.param(d, n))
+
+    def shrink_module(self, gm: fx.GraphModule, path: str, r: RewriteContext) -> None:
+        owner, name = resolve(gm, path)
+        for d in range(_fetch(gm, path).dim()):
+            slice_attr(owner, name, d, r.kept_param(path, d))
+
+    def param_slices(self, gm: fx.GraphModule, path: str, axis: int, idx: np.ndarray) -> list[tuple[str, torch.Tensor]]:
+        t = _fetch(gm, path).detach()
+        return [("attr", t.index_select(axis, index_tensor(idx, t.device)).movedim(axis, 0).reshape(len(idx), -1))]
+
+    def param_count(self, gm: fx.GraphModule, path: str, s: SizeContext) -> int:
+        t = _fetch(gm, path)
+        if not isinstance(t, torch.nn.Parameter):
+            return 0
+        return math.prod(s.axis(path, d) for d in range(t.dim()))

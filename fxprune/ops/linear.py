@@ -1,0 +1,56 @@
+"""``nn.Linear``: axis 0 = output features, axis 1 = input features; leading dims pass through."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.fx as fx
+from torch import nn
+
+from ..graph.coupling import Coupling
+from ..passes.context import RewriteContext, SizeContext
+from .registry import OpRule, register_op
+from .tensor_attr import index_tensor, slice_attr
+
+
+@register_op(nn.Linear)
+class LinearRule(OpRule):
+    name = "linear"
+
+    def couple(self, node: fx.Node, c: Coupling) -> None:
+        m = c.module()
+        x, y = c.port(node.args[0]), c.out()
+        if x is None or y is None:
+            return
+        for d in range(x.ndim - 1):
+            c.tie_dims(x, d, y, d)
+        c.tie(y.space(-1), c.param(0, m.out_features))
+        c.tie(x.space(-1), c.param(1, m.in_features))
+
+    def shrink_module(self, gm: fx.GraphModule, path: str, r: RewriteContext) -> None:
+        m = gm.get_submodule(path)
+        keep_out, keep_in = r.kept_param(path, 0), r.kept_param(path, 1)
+        slice_attr(m, "weight", 0, keep_out)
+        slice_attr(m, "bias", 0, keep_out)
+        slice_attr(m, "weight", 1, keep_in)
+        m.out_features, m.in_features = m.weight.shape
+
+    def param_slices(self, gm: fx.GraphModule, path: str, axis: int, idx: np.ndarray) -> list[tuple[str, torch.Tensor]]:
+        m = gm.get_submodule(path)
+        t = index_tensor(idx, m.weight.device)
+        w = m.weight.detach()
+        if axis == 1:
+            return [("weight_in", w[:, t].t())]
+        out = [("weight", w[t])]
+        if m.bias is not None:
+            out.append(("bias", m.bias.detach()[t].reshape(-1, 1)))
+        return out
+
+    def macs(self, node: fx.Node, s: SizeContext) -> int:
+        return math.prod(s.shape(node)) * s.axis(node.target, 1)
+
+    def param_count(self, gm: fx.GraphModule, path: str, s: SizeContext) -> int:
+        m = gm.get_submodule(path)
+        out, inp = s.axis(path, 0), s.axis(path, 1)
+        return out * inp + (out if m.bias is not None else 0)

@@ -1,0 +1,137 @@
+"""Normalization layers.
+
+Per-channel norms (BatchNorm, InstanceNorm, torchvision's FrozenBatchNorm2d) shrink freely. GroupNorm removes
+whole groups only, so the other groups' statistics are unchanged. LayerNorm's statistics span the normalized
+channels, so removing one would change the others: those dims are frozen (reported).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from ..graph.coupling import Coupling
+from ..graph.space import arange
+from ..passes.context import RewriteContext, SizeContext
+from .registry import OpRule, arg, register_functions, register_op
+from .tensor_attr import index_tensor, slice_attr
+
+_PER_CHANNEL = ("weight", "bias", "running_mean", "running_var")
+_ROLES = {"weight": "scale", "bias": "shift", "running_mean": "stat", "running_var": "stat"}
+LAYER_NORM_REASON = "LayerNorm statistics span these channels (removing one changes the others)"
+
+
+def _identity(node: fx.Node, c: Coupling) -> tuple:
+    x, y = c.port(node.args[0]), c.out()
+    if x is not None and y is not None:
+        for d in range(x.ndim):
+            c.tie_dims(x, d, y, d)
+    return x, y
+
+
+class _ChannelNorm(OpRule):
+    """Norms with one statistic per channel (dim 1)."""
+
+    size_attr = "num_features"
+
+    def channels(self, m: nn.Module) -> int:
+        n = getattr(m, self.size_attr, None)
+        return n if n is not None else m.running_mean.shape[0]  # FrozenBatchNorm2d keeps no count
+
+    def couple(self, node: fx.Node, c: Coupling) -> None:
+        x, y = _identity(node, c)
+        if x is None or y is None:
+            return
+        c.tie(y.space(1), c.param(0, self.channels(c.module())))
+
+    def shrink_module(self, gm: fx.GraphModule, path: str, r: RewriteContext) -> None:
+        m = gm.get_submodule(path)
+        keep = r.kept_param(path, 0)
+        for name in _PER_CHANNEL:
+            slice_attr(m, name, 0, keep)
+        if keep is not None:
+            setattr(m, self.size_attr, len(keep))
+
+    def param_slices(self, gm: fx.GraphModule, path: str, axis: int, idx: np.ndarray) -> list[tuple[str, torch.Tensor]]:
+        m = gm.get_submodule(path)
+        out = []
+        for name in _PER_CHANNEL:
+            t = getattr(m, name, None)
+            if isinstance(t, torch.Tensor):
+                out.append((_ROLES[name], t.detach()[index_tensor(idx, t.device)].reshape(-1, 1)))
+        return out
+
+    def param_count(self, gm: fx.GraphModule, path: str, s: SizeContext) -> int:
+        m = gm.get_submodule(path)
+        n = s.axis(path, 0)
+        return sum(n for p in ("weight", "bias") if isinstance(getattr(m, p, None), nn.Parameter))
+
+
+@register_op(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm,
+             nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
+class BatchNormRule(_ChannelNorm):
+    name = "batch_norm"
+
+
+@register_op(nn.GroupNorm)
+class GroupNormRule(_ChannelNorm):
+    """GroupNorm: channels of one group form one unit."""
+
+    name = "group_norm"
+    size_attr = "num_channels"
+
+    def couple(self, node: fx.Node, c: Coupling) -> None:
+        super().couple(node, c)
+        m = c.module()
+        per = m.num_channels // m.num_groups
+        i = arange(m.num_channels)
+        c.tie(c.param(0, m.num_channels), c.param(0, m.num_channels), i, (i // per) * per)
+
+    def shrink_module(self, gm: fx.GraphModule, path: str, r: RewriteContext) -> None:
+        m = gm.get_submodule(path)
+        per = m.num_channels // m.num_groups
+        super().shrink_module(gm, path, r)
+        m.num_groups = m.num_channels // per
+
+
+@register_op(nn.LayerNorm, nn.RMSNorm)
+class LayerNormRule(OpRule):
+    """LayerNorm over the last dims: other dims pass through, normalized dims are frozen."""
+
+    name = "layer_norm"
+
+    def couple(self, node: fx.Node, c: Coupling) -> None:
+        x, y = _identity(node, c)
+        if x is None or y is None:
+            return
+        k = len(c.module().normalized_shape)
+        for d in range(x.ndim - k, x.ndim):
+            c.freeze(x.space(d), LAYER_NORM_REASON)
+
+
+@register_op(F.layer_norm, F.rms_norm)
+class LayerNormFunctionRule(OpRule):
+    name = "layer_norm"
+
+    def couple(self, node: fx.Node, c: Coupling) -> None:
+        x, y = _identity(node, c)
+        if x is None or y is None:
+            return
+        k = len(arg(node, 1, "normalized_shape"))
+        for d in range(x.ndim - k, x.ndim):
+            c.freeze(x.space(d), LAYER_NORM_REASON)
+        for name, i in (("weight", 2), ("bias", 3)):  # affine tensors align with the normalized dims
+            p = c.port(arg(node, i, name))
+            if p is not None:
+                for d in range(p.ndim):
+                    c.tie_dims(p, d, x, x.ndim - p.ndim + d)
+
+
+def register_torchvision() -> None:
+    try:
+        from torchvision.ops.misc import FrozenBatchNorm2d
+    except ImportError:  # torchvision is optional
+        return
+    register_functions(BatchNormRule, [FrozenBatchNorm2d])

@@ -1,0 +1,1 @@
+"""fxprune.passes."""

@@ -1,0 +1,78 @@
+"""The pruning plan: which indices of every shrunk space survive. Serialisable, composable, replayable.
+
+Analysis and scoring produce a plan; the rewrite pass only applies one (see ``passes/shrink_channels.py``).
+Indices always refer to the original (unpruned) model, so multi-step plans compose into one.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+
+from .errors import PlanError
+from .graph.space import Space
+
+PLAN_VERSION = 1
+
+
+@dataclass
+class Plan:
+    """``kept[space_key]`` = sorted kept indices; ``sizes[space_key]`` = original size of that space.
+
+    ``groups`` and ``frozen`` describe the decisions for reports: pruned groups with their parameter axes and
+    unit counts, and frozen groups with the reasons.
+    """
+
+    kept: dict[str, list[int]] = field(default_factory=dict)
+    sizes: dict[str, int] = field(default_factory=dict)
+    groups: list[dict] = field(default_factory=list)
+    frozen: list[dict] = field(default_factory=list)
+    stats: dict[str, float] = field(default_factory=dict)
+    version: int = PLAN_VERSION
+
+    def kept_spaces(self) -> dict[Space, np.ndarray]:
+        return {Space.parse(k): np.asarray(v, np.int64) for k, v in self.kept.items()}
+
+    @property
+    def empty(self) -> bool:
+        return not self.kept
+
+    def compose(self, later: "Plan") -> "Plan":
+        """The plan equal to applying ``self`` and then ``later`` (whose indices refer to ``self``'s result)."""
+        kept = dict(self.kept)
+        sizes = dict(self.sizes)
+        for key, idx in later.kept.items():
+            base = np.asarray(self.kept[key]) if key in self.kept else np.arange(later.sizes[key])
+            kept[key] = base[np.asarray(idx, np.int64)].tolist()
+            sizes.setdefault(key, later.sizes[key])
+        return Plan(kept, sizes, self.groups + later.groups, later.frozen, {**self.stats, **later.stats})
+
+    def to_dict(self) -> dict:
+        return {"format": "fxprune.plan", "version": self.version, "kept": self.kept, "sizes": self.sizes,
+                "groups": self.groups, "frozen": self.frozen, "stats": self.stats}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Plan":
+        if data.get("format") != "fxprune.plan":
+            raise PlanError("not an fxprune plan (missing format 'fxprune.plan')")
+        if data.get("version") != PLAN_VERSION:
+            raise PlanError(f"plan version {data.get('version')!r} is not supported (expected {PLAN_VERSION})")
+        return cls({k: list(map(int, v)) for k, v in data["kept"].items()}, dict(data["sizes"]),
+                   list(data.get("groups", [])), list(data.get("frozen", [])), dict(data.get("stats", {})))
+
+    @classmethod
+    def from_json(cls, text: str) -> "Plan":
+        return cls.from_dict(json.loads(text))
+
+    def save(self, path: Union[str, Path]) -> None:
+        Path(path).write_text(self.to_json())
+
+    @classmethod
+    def load(cls, path: Union[str, Path]) -> "Plan":
+        return cls.from_json(Path(path).read_text())

@@ -1,0 +1,169 @@
+"""Turn unit scores and a stage's budget into a ``Plan``.
+
+Per group, units are ordered by score (lowest first) and taken greedily while every space keeps at least one
+slot and the group keeps ``1 - max_sparsity`` of its units. A budget picks how far down each order to go: the
+same fraction in every group (``local``) or one threshold on group-normalized scores (``global``). FLOPs and
+parameter budgets are met by bisection on that fraction, counting MACs and parameters at the shrunk sizes.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import BudgetError
+from .graph.dependency import Analysis
+from .graph.space import Space
+from .plan import Plan
+from .recipe import ChannelStage
+from .work import Counter
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _GroupOrder:
+    group: int
+    order: np.ndarray  # unit ids in removal order
+    scores: np.ndarray  # normalized scores along the order
+    n_units: int  # all units of the group (frozen ones included)
+    n_prunable: int
+    step: int  # kept units must be a multiple of this (round_to)
+
+
+class Planner:
+    """Builds plans for one analysis and one set of scores."""
+
+    def __init__(self, analysis: Analysis, scores: np.ndarray, stage: ChannelStage) -> None:
+        self.a = analysis
+        self.stage = stage
+        self.counts = analysis.unit_space_counts()
+        self.counter = Counter(analysis)
+        self.orders = [self._order(g, scores) for g in analysis.prunable_groups()]
+        self.orders = [o for o in self.orders if len(o.order)]
+        all_scores = np.concatenate([o.scores for o in self.orders]) if self.orders else np.zeros(0)
+        self.sorted_scores = np.sort(all_scores)
+
+    def _order(self, g: int, scores: np.ndarray) -> _GroupOrder:
+        a = self.a
+        in_group = a.unit_group == g
+        units = np.flatnonzero(in_group & ~a.unit_frozen)
+        s = np.nan_to_num(scores[units].astype(np.float64), nan=np.inf)
+        units = units[np.argsort(s, kind="stable")]
+        cap = int(math.floor(self.stage.max_sparsity * len(units) + 1e-9))
+        rows = self.counts[units].tocoo()  # rows follow the removal order
+        width = int(rows.data.max()) if rows.nnz else 1
+        # Units up to the first one that would empty a space need no check: take them at once.
+        last = np.full(len(a.spaces), -1)
+        np.maximum.at(last, rows.col, rows.row)
+        held = np.bincount(rows.col, weights=rows.data, minlength=len(a.spaces))
+        emptiable = np.flatnonzero((held >= a.sizes) & (held > 0))
+        first_empty = int(last[emptiable].min()) if len(emptiable) else len(units)
+        fast = min(first_empty, cap)
+        left = a.sizes.copy()
+        np.subtract.at(left, rows.col[rows.row < fast], rows.data[rows.row < fast])
+        order = list(units[:fast])
+        indptr, indices, data = self.counts.indptr, self.counts.indices, self.counts.data
+        for u in units[fast:]:
+            if len(order) >= cap:
+                break
+            cols, cnt = indices[indptr[u]:indptr[u + 1]], data[indptr[u]:indptr[u + 1]]
+            if np.all(left[cols] - cnt >= 1):
+                left[cols] -= cnt
+                order.append(u)
+        order = np.asarray(order, np.int64)
+        mean = float(np.mean(np.abs(scores[units]))) if len(units) else 1.0
+        norm = scores[order] / (mean if mean > 0 and np.isfinite(mean) else 1.0)
+        r = self.stage.round_to
+        step = r // math.gcd(r, max(width, 1))
+        return _GroupOrder(g, order, norm, int(in_group.sum()), len(units), step)
+
+    # -- how many units each group loses at a given fraction q --------------------------------------------------
+    def _take(self, o: _GroupOrder, k: int) -> int:
+        k = min(k, len(o.order))
+        if o.step > 1 and k > 0:
+            kept = o.n_units - k
+            kept = min(o.n_units, -(-kept // o.step) * o.step)
+            k = o.n_units - kept
+        return max(0, min(k, len(o.order)))
+
+    def removed_units(self, q: float) -> np.ndarray:
+        """Unit ids removed at fraction ``q`` of the budget axis (0 = nothing, 1 = as much as allowed)."""
+        if self.stage.scope == "global":
+            total = len(self.sorted_scores)
+            kth = int(round(q * sum(o.n_prunable for o in self.orders)))
+            kth = min(kth, total)
+            if kth == 0:
+                return np.zeros(0, np.int64)
+            t = self.sorted_scores[kth - 1]
+            takes = [self._take(o, int(np.searchsorted(o.scores, t, side="right"))) for o in self.orders]
+        else:
+            takes = [self._take(o, int(math.floor(q * o.n_prunable + 1e-9))) for o in self.orders]
+        parts = [o.order[:k] for o, k in zip(self.orders, takes)]
+        return np.concatenate(parts) if parts else np.zeros(0, np.int64)
+
+    def new_sizes(self, removed: np.ndarray) -> dict[Space, int]:
+        mask = np.zeros(self.a.n_units, np.int64)
+        mask[removed] = 1
+        lost = self.counts.T @ mask
+        return {self.a.spaces[i]: int(self.a.sizes[i] - lost[i]) for i in np.flatnonzero(lost)}
+
+    def reduction(self, removed: np.ndarray, metric: str) -> float:
+        return self.counter.reduction(self.new_sizes(removed), metric)
+
+    def solve(self, target_kind: str, target: float) -> np.ndarray:
+        """Removed units meeting the target (a sparsity fraction, or a fraction of MACs / params removed)."""
+        if target == 0 or not self.orders:
+            if target > 0:
+                raise BudgetError(f"{target_kind} target {target:.3f} cannot be met: no prunable channel group "
+                                  f"(every group is frozen; see the report)")
+            return np.zeros(0, np.int64)
+        if target_kind == "sparsity":
+            return self.removed_units(target)
+        metric = "macs" if target_kind == "flops" else "params"
+        best = self.reduction(self.removed_units(1.0), metric)
+        if best + 1e-9 < target:
+            raise BudgetError(
+                f"{target_kind} target {target:.3f} cannot be met: at most {best:.3f} of the model's {metric} can be "
+                f"removed (max_sparsity={self.stage.max_sparsity}, frozen groups and ignored modules excluded)")
+        lo, hi = 0.0, 1.0
+        for _ in range(32):
+            mid = (lo + hi) / 2
+            if self.reduction(self.removed_units(mid), metric) >= target:
+                hi = mid
+            else:
+                lo = mid
+        return self.removed_units(hi)
+
+    def plan(self, removed: np.ndarray) -> Plan:
+        a = self.a
+        unit_removed = np.zeros(a.n_units, bool)
+        unit_removed[removed] = True
+        slot_removed = unit_removed[a.slot_unit]
+        kept, sizes = {}, {}
+        slot_index = a.slot_index
+        for i in np.unique(a.slot_space[slot_removed]):
+            lo, hi = a.offsets[i], a.offsets[i] + a.sizes[i]
+            key = a.spaces[i].key()
+            kept[key] = slot_index[lo:hi][~slot_removed[lo:hi]].tolist()
+            sizes[key] = int(a.sizes[i])
+        groups = []
+        for o in self.orders:
+            n = int(unit_removed[a.unit_group == o.group].sum())
+            params = [a.spaces[i].key() for i in np.flatnonzero(a.space_group == o.group) if a.spaces[i].is_param]
+            groups.append({"params": params, "units": o.n_units, "removed": n})
+        return Plan(kept, sizes, groups, frozen_groups(a))
+
+
+def frozen_groups(a: Analysis) -> list[dict]:
+    """Groups holding parameter axes of which no unit may be removed, with the reasons."""
+    live = set(np.unique(a.unit_group[~a.unit_frozen]).tolist())
+    out = []
+    for g in np.unique(a.space_group[[i for i, s in enumerate(a.spaces) if s.is_param]]):
+        if int(g) in live:
+            continue
+        params = [a.spaces[i].key() for i in np.flatnonzero(a.space_group == g) if a.spaces[i].is_param]
+        out.append({"params": params, "reasons": a.group_reasons(int(g))[:5]})
+    return out

@@ -1,0 +1,189 @@
+"""Recipes: versioned, self-validating dataclasses that round-trip through dicts, JSON and YAML.
+
+A recipe is a list of stages applied in order. Stage kinds register themselves with ``register_stage``.
+
+Example:
+    >>> Recipe.load({"stages": [{"kind": "channels", "target": {"flops": 0.5}}]}).stages[0].criterion
+    'l2'
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Union
+
+import yaml
+
+from .errors import RecipeError
+
+RECIPE_VERSION = 1
+_STAGES: dict[str, type] = {}
+
+
+def register_stage(kind: str):
+    """Class decorator registering a stage dataclass under its ``kind``."""
+
+    def deco(cls: type) -> type:
+        _STAGES[kind] = cls
+        return cls
+
+    return deco
+
+
+def _check_keys(data: dict, cls: type, path: str) -> None:
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise RecipeError(f"{path}.{key}" if path else str(key), f"unknown field{hint}; known: {', '.join(sorted(names))}")
+
+
+def _fraction(value: Any, path: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise RecipeError(path, f"must be a number in [0, 1), got {value!r}")
+    if not 0.0 <= float(value) < 1.0:
+        raise RecipeError(path, f"must be in [0, 1), got {value}")
+    return float(value)
+
+
+@register_stage("channels")
+@dataclass
+class ChannelStage:
+    """Remove whole channels (filters, features, groups) and shrink every coupled layer.
+
+    Fields:
+        target: exactly one of ``{"sparsity": s}`` (fraction of each group's / all units removed),
+            ``{"flops": f}`` (fraction of MACs removed) or ``{"params": p}`` (fraction of parameters removed).
+        criterion: name of a registered criterion (``l1``, ``l2``, ``bn_scale``, ``random``, ...).
+        scope: ``local`` (same rate in every group) or ``global`` (one ranking across groups, scores normalized
+            by each group's mean).
+        ignore: glob patterns of module paths whose channels must not change.
+        round_to: kept units per group rounded up to a multiple of this (channel-aware for grouped convs).
+        steps: prune in this many equal steps, re-scoring in between.
+        max_sparsity: at most this fraction of a group's units is removed.
+        seed: seed of random criteria.
+    """
+
+    kind: str = "channels"
+    target: dict = field(default_factory=lambda: {"sparsity": 0.5})
+    criterion: str = "l2"
+    scope: str = "local"
+    ignore: list = field(default_factory=list)
+    round_to: int = 1
+    steps: int = 1
+    max_sparsity: float = 0.9
+    seed: int = 0
+    TARGETS: ClassVar[tuple[str, ...]] = ("sparsity", "flops", "params")
+
+    def validate(self, path: str) -> None:
+        if not isinstance(self.target, dict) or len(self.target) != 1:
+            raise RecipeError(f"{path}.target", f"must hold exactly one of {', '.join(self.TARGETS)}, got {self.target!r}")
+        (key, value), = self.target.items()
+        if key not in self.TARGETS:
+            raise RecipeError(f"{path}.target.{key}", f"unknown target; use one of {', '.join(self.TARGETS)}")
+        self.target = {key: _fraction(value, f"{path}.target.{key}")}
+        from .criteria import get_criterion
+
+        get_criterion(self.criterion, f"{path}.criterion")
+        if self.scope not in ("local", "global"):
+            raise RecipeError(f"{path}.scope", f"must be 'local' or 'global', got {self.scope!r}")
+        if not isinstance(self.ignore, list) or not all(isinstance(p, str) for p in self.ignore):
+            raise RecipeError(f"{path}.ignore", f"must be a list of module-path patterns, got {self.ignore!r}")
+        for name in ("round_to", "steps"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise RecipeError(f"{path}.{name}", f"must be an integer >= 1, got {v!r}")
+        if isinstance(self.max_sparsity, bool) or not isinstance(self.max_sparsity, (int, float)) or not 0 < self.max_sparsity < 1:
+            raise RecipeError(f"{path}.max_sparsity", f"must be in (0, 1), got {self.max_sparsity!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise RecipeError(f"{path}.seed", f"must be an integer, got {self.seed!r}")
+
+    @property
+    def target_kind(self) -> str:
+        return next(iter(self.target))
+
+    @property
+    def target_value(self) -> float:
+        return next(iter(self.target.values()))
+
+
+Stage = Union[ChannelStage]
+
+
+@dataclass
+class Recipe:
+    """An ordered list of stages plus tracing options. ``version`` guards the schema."""
+
+    stages: list = field(default_factory=list)
+    version: int = RECIPE_VERSION
+    leaf_modules: list = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        if self.version != RECIPE_VERSION:
+            raise RecipeError("version", f"this fxprune reads recipe version {RECIPE_VERSION}, got {self.version!r}")
+        if not isinstance(self.stages, list) or not self.stages:
+            raise RecipeError("stages", "must be a non-empty list of stages")
+        if not isinstance(self.leaf_modules, list) or not all(isinstance(p, str) for p in self.leaf_modules):
+            raise RecipeError("leaf_modules", f"must be a list of module paths or class names, got {self.leaf_modules!r}")
+        for i, stage in enumerate(self.stages):
+            if not hasattr(stage, "validate"):
+                raise RecipeError(f"stages[{i}]", f"must be a stage, got {type(stage).__name__}")
+            stage.validate(f"stages[{i}]")
+
+    # -- conversion ------------------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return {"version": self.version, "leaf_modules": list(self.leaf_modules),
+                "stages": [dataclasses.asdict(s) for s in self.stages]}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_dict(cls, data: Any) -> "Recipe":
+        if not isinstance(data, dict):
+            raise RecipeError("<root>", f"must be a mapping with 'stages', got {type(data).__name__}")
+        _check_keys(data, cls, "")
+        stages = data.get("stages")
+        if not isinstance(stages, list) or not stages:
+            raise RecipeError("stages", "must be a non-empty list of stages")
+        parsed = []
+        for i, s in enumerate(stages):
+            path = f"stages[{i}]"
+            if not isinstance(s, dict):
+                raise RecipeError(path, f"must be a mapping, got {type(s).__name__}")
+            kind = s.get("kind", "channels")
+            if kind not in _STAGES:
+                raise RecipeError(f"{path}.kind", f"unknown stage kind '{kind}'; available: {', '.join(sorted(_STAGES))}")
+            _check_keys(s, _STAGES[kind], path)
+            parsed.append(_STAGES[kind](**s))
+        return cls(stages=parsed, version=data.get("version", RECIPE_VERSION), leaf_modules=data.get("leaf_modules", []))
+
+    @classmethod
+    def from_file(cls, path: Union[str, Path]) -> "Recipe":
+        p = Path(path)
+        if not p.is_file():
+            raise RecipeError("<file>", f"recipe file '{p}' does not exist")
+        try:
+            data = yaml.safe_load(p.read_text())  # JSON is a subset of YAML
+        except yaml.YAMLError as exc:
+            raise RecipeError("<file>", f"recipe file '{p}' is not valid YAML/JSON: {exc}") from exc
+        return cls.from_dict(data)
+
+    @classmethod
+    def load(cls, recipe: Union["Recipe", dict, str, Path]) -> "Recipe":
+        """Accept a ``Recipe``, a dict, or a path to a YAML/JSON file."""
+        if isinstance(recipe, Recipe):
+            recipe.validate()
+            return recipe
+        if isinstance(recipe, dict):
+            return cls.from_dict(recipe)
+        if isinstance(recipe, (str, Path)):
+            return cls.from_file(recipe)
+        raise RecipeError("<root>", f"expected a Recipe, dict or file path, got {type(recipe).__name__}")

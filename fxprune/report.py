@@ -1,0 +1,75 @@
+"""Reports: parameters, MACs, per-layer widths before and after pruning, and frozen groups with reasons."""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from .trace import record_shapes, trace
+from .work import count_model
+
+_WIDTHS = (("in_channels", "out_channels"), ("in_features", "out_features"), ("num_features", "num_features"),
+           ("num_channels", "num_channels"))
+
+
+def _width(m: nn.Module) -> tuple[int, int] | None:
+    for a, b in _WIDTHS:
+        if hasattr(m, a) and hasattr(m, b) and isinstance(getattr(m, a), int):
+            return getattr(m, a), getattr(m, b)
+    return None
+
+
+@dataclass
+class Report:
+    """What pruning changed. ``str(report)`` is a readable table."""
+
+    params: tuple[int, int]
+    macs: tuple[int, int]
+    layers: list[tuple[str, str, tuple[int, int], tuple[int, int]]] = field(default_factory=list)
+    frozen: list[dict] = field(default_factory=list)
+
+    @property
+    def params_ratio(self) -> float:
+        return self.params[1] / self.params[0] if self.params[0] else 1.0
+
+    @property
+    def macs_ratio(self) -> float:
+        return self.macs[1] / self.macs[0] if self.macs[0] else 1.0
+
+    def __str__(self) -> str:
+        lines = [f"params {self.params[0]:,} -> {self.params[1]:,} ({self.params_ratio:.3f}x)",
+                 f"MACs   {self.macs[0]:,} -> {self.macs[1]:,} ({self.macs_ratio:.3f}x)", "",
+                 f"{'layer':40s} {'type':18s} {'in':>11s} {'out':>11s}"]
+        for name, kind, (i0, o0), (i1, o1) in self.layers:
+            lines.append(f"{name:40s} {kind:18s} {f'{i0}->{i1}':>11s} {f'{o0}->{o1}':>11s}")
+        if self.frozen:
+            lines += ["", f"frozen groups ({len(self.frozen)}):"]
+            for g in self.frozen:
+                lines.append(f"  {', '.join(p.lstrip('@') for p in g['params'][:4])}: {'; '.join(g['reasons'][:2])}")
+        return "\n".join(lines)
+
+
+def report(before: nn.Module, after: nn.Module, example_inputs: Any) -> Report:
+    """Compare an original model with its pruned version on ``example_inputs``."""
+    inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+    counts = []
+    for model in (before, after):
+        gm = trace(copy.deepcopy(model).eval())
+        record_shapes(gm, inputs)
+        counts.append(count_model(gm))
+    after_modules = dict(after.named_modules())
+    layers = []
+    for name, m in before.named_modules():
+        w0 = _width(m)
+        m1 = after_modules.get(name)
+        w1 = _width(m1) if m1 is not None else None
+        if w0 is not None and w1 is not None:
+            layers.append((name, type(m).__name__, w0, w1))
+    plan = getattr(after, "fxprune_plan", None)
+    return Report((counts[0]["params"], counts[1]["params"]), (counts[0]["macs"], counts[1]["macs"]), layers,
+                  list(plan.frozen) if plan is not None else [])
+
+
+__all__ = ["Report", "report"]

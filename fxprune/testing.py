@@ -1,0 +1,152 @@
+"""The correctness oracle: a plan applied as zero masks to the original model must compute what the shrunk model
+computes.
+
+The masked model is built independently of the rewrite: the original model is traced again and every tensor with
+removed channels is zeroed at those channels right where it is produced (``torch.where``, so no NaN leaks).
+"""
+from __future__ import annotations
+
+import copy
+from typing import TYPE_CHECKING, Any, Sequence
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from .plan import Plan
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from .graph.dependency import Analysis
+from .trace import TensorSpec, record_shapes, spec_of, trace
+
+
+def _zero_masked(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    return torch.where(keep, x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+def masked_model(model: nn.Module, plan: Plan, example_inputs: Sequence[Any], leaf_modules: Sequence[str] = ()) -> fx.GraphModule:
+    """The original model with every channel the plan removes zeroed wherever it appears."""
+    gm = trace(copy.deepcopy(model).eval(), leaf_modules)
+    record_shapes(gm, tuple(example_inputs))
+    by_node: dict[str, dict[int, torch.Tensor]] = {}
+    for space, kept in plan.kept_spaces().items():
+        if space.is_param:
+            continue
+        by_node.setdefault(space.owner, {})[space.dim] = torch.as_tensor(kept)
+    count = 0
+    for node in list(gm.graph.nodes):
+        dims = by_node.get(node.name)
+        spec = spec_of(node)
+        if not dims or not isinstance(spec, TensorSpec):
+            continue
+        keep = torch.ones(spec.shape, dtype=torch.bool)
+        for d, kept in dims.items():
+            m = torch.zeros(spec.shape[d], dtype=torch.bool)
+            m[kept] = True
+            keep &= m.reshape([-1 if i == d else 1 for i in range(len(spec.shape))])
+        name = f"_fxprune_keep_{count}"
+        count += 1
+        gm.register_buffer(name, keep)
+        with gm.graph.inserting_after(node):
+            attr = gm.graph.get_attr(name)
+        with gm.graph.inserting_after(attr):
+            masked = gm.graph.call_function(_zero_masked, (node, attr))
+        node.replace_all_uses_with(masked, delete_user_cb=lambda user: user is not masked)
+    gm.graph.lint()
+    gm.recompile()
+    return gm
+
+
+def _flatten(out: Any) -> list[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, dict):
+        return [t for v in out.values() for t in _flatten(v)]
+    if isinstance(out, (tuple, list)):
+        return [t for v in out for t in _flatten(v)]
+    return []
+
+
+def assert_masked_equals_shrunk(
+    model: nn.Module,
+    plan: Plan,
+    inputs: Sequence[Any],
+    shrunk: nn.Module | None = None,
+    *,
+    leaf_modules: Sequence[str] = (),
+    atol: float = 1e-4,
+    rtol: float = 1e-4,
+) -> None:
+    """Assert that ``shrunk`` equals ``model`` with the plan's channels zero-masked, on ``inputs``.
+
+    Args:
+        model: the original, unpruned model.
+        plan: the plan (``pruned.fxprune_plan``).
+        inputs: a tuple of inputs.
+        shrunk: the physically pruned model; defaults to replaying ``plan`` on ``model``.
+    """
+    inputs = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
+    if shrunk is None:
+        from .passes.shrink_channels import ShrinkChannels
+
+        shrunk = trace(copy.deepcopy(model).eval(), leaf_modules)
+        record_shapes(shrunk, inputs)
+        ShrinkChannels(plan, inputs)(shrunk)
+    masked = masked_model(model, plan, inputs, leaf_modules)
+    was_training = shrunk.training
+    shrunk.eval()
+    with torch.no_grad():
+        want, got = _flatten(masked(*inputs)), _flatten(shrunk(*inputs))
+    shrunk.train(was_training)
+    assert len(want) == len(got), f"masked model returns {len(want)} tensors, shrunk model {len(got)}"
+    for i, (w, g) in enumerate(zip(want, got)):
+        assert w.shape == g.shape, f"output {i}: masked shape {tuple(w.shape)} != shrunk shape {tuple(g.shape)}"
+        torch.testing.assert_close(g, w, atol=atol, rtol=rtol, msg=lambda m: f"output {i}: shrunk != masked: {m}")
+
+
+def prune_and_check(model: nn.Module, recipe: Any, inputs: Any, *, atol: float = 1e-4, rtol: float = 1e-4) -> fx.GraphModule:
+    """``fxprune.compile`` then ``assert_masked_equals_shrunk``; also checks the input model was not modified."""
+    from .api import compile as fx_compile
+    from .recipe import Recipe
+
+    inputs = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
+    recipe = Recipe.load(recipe)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    pruned = fx_compile(model, recipe, example_inputs=inputs)
+    for k, v in model.state_dict().items():
+        assert v.shape == state[k].shape and torch.equal(v, state[k]), f"compile modified the input model at '{k}'"
+    assert_masked_equals_shrunk(model, pruned.fxprune_plan, inputs, pruned, leaf_modules=recipe.leaf_modules, atol=atol, rtol=rtol)
+    return pruned
+
+
+def analyze_model(model: nn.Module, *inputs: torch.Tensor) -> "Analysis":
+    """Trace, record shapes and analyze ``model`` (a deep copy) in eval mode."""
+    from .graph.dependency import analyze
+
+    gm = trace(copy.deepcopy(model).eval())
+    record_shapes(gm, inputs)
+    return analyze(gm)
+
+
+def units_of(a: "Analysis", key: str) -> "np.ndarray":
+    """Unit id of every slot of the space named ``key`` (e.g. ``'@conv1:0:0'``)."""
+    from .graph.space import Space
+
+    i = a.index[Space.parse(key)]
+    return a.slot_unit[a.offsets[i]: a.offsets[i] + a.sizes[i]]
+
+
+def frozen_of(a: "Analysis", key: str) -> "np.ndarray":
+    """Whether each slot of the space ``key`` belongs to a frozen unit."""
+    return a.unit_frozen[units_of(a, key)]
+
+
+def channel_recipe(target: float, kind: str = "sparsity", **fields: Any) -> dict:
+    """A one-stage channel recipe, e.g. ``channel_recipe(0.5, "flops", criterion="l1")``."""
+    return {"stages": [{"kind": "channels", "target": {kind: target}, **fields}]}
+
+
+__all__ = ["assert_masked_equals_shrunk", "masked_model", "prune_and_check", "analyze_model", "units_of",
+           "frozen_of", "channel_recipe"]

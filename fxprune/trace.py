@@ -1,0 +1,152 @@
+"""Tracing with torch.fx: leaf-module policy, readable trace errors and shape recording.
+
+``trace`` turns a module into a ``GraphModule``; ``record_shapes`` runs example inputs through it and stores,
+in ``node.meta["fxprune"]``, the shape of every tensor (or the plain value of a non-tensor result).
+"""
+from __future__ import annotations
+
+import fnmatch
+import logging
+import traceback
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from .errors import ExampleInputsError, TraceFailure
+
+log = logging.getLogger(__name__)
+
+META = "fxprune"
+
+# Extra leaf module types and wrapped functions, extended with ``register_leaf`` (e.g. by the timm integration).
+_LEAF_TYPES: set[type] = set()
+_AUTOWRAP_FUNCTIONS: set[Callable[..., Any]] = set()
+
+
+def register_leaf(*types: type) -> None:
+    """Make modules of these types leaves (called, never traced through) in every trace."""
+    _LEAF_TYPES.update(types)
+
+
+def register_autowrap_function(*fns: Callable[..., Any]) -> None:
+    """Record these free functions as single graph nodes instead of tracing into them."""
+    _AUTOWRAP_FUNCTIONS.update(fns)
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """Shape and dtype of one tensor produced by a node."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+
+class PruneTracer(fx.Tracer):
+    """A tracer whose leaves are the modules fxprune has rules for, torch.nn modules, and user leaves.
+
+    It remembers which module it is inside so a failure can name it.
+    """
+
+    def __init__(self, leaf_modules: Sequence[str] = (), autowrap_functions: Iterable[Callable] = ()) -> None:
+        super().__init__(autowrap_functions=tuple(set(autowrap_functions) | _AUTOWRAP_FUNCTIONS))
+        self.leaf_patterns = tuple(leaf_modules)
+        self.module_path: list[str] = []
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        from .ops.registry import has_module_rule  # local: ops import trace
+
+        if any(fnmatch.fnmatchcase(module_qualified_name, p) or type(m).__name__ == p for p in self.leaf_patterns):
+            return True
+        if type(m) in _LEAF_TYPES or has_module_rule(m):
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+    def call_module(self, m: nn.Module, forward: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+        self.module_path.append(self.path_of_module(m) if self.module_path or m is not self.root else "")
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        finally:
+            self.module_path.pop()
+
+
+def _user_frame(exc: BaseException) -> str:
+    """The last stack frame of the failure that is not inside torch itself."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    for frame in reversed(frames):
+        if "/torch/" not in frame.filename and "/fxprune/" not in frame.filename:
+            return f"{frame.filename}:{frame.lineno}: {(frame.line or '').strip()}"
+    return "<unknown location>"
+
+
+def trace(model: nn.Module, leaf_modules: Sequence[str] = (), autowrap_functions: Iterable[Callable] = ()) -> fx.GraphModule:
+    """Symbolically trace ``model`` (which is not modified) into a ``GraphModule``.
+
+    Args:
+        model: the module to trace.
+        leaf_modules: module paths (glob patterns) or class names to keep as single, opaque calls.
+        autowrap_functions: free functions to record as single nodes.
+
+    Raises:
+        TraceFailure: naming the module and source line that broke tracing, and how to mark it as a leaf.
+    """
+    tracer = PruneTracer(leaf_modules, autowrap_functions)
+    try:
+        graph = tracer.trace(model)
+    except Exception as exc:  # torch.fx raises many kinds of errors from user code
+        where = next((p for p in reversed(tracer.module_path) if p), "")
+        owner = f"module '{where}' ({type(model.get_submodule(where)).__name__})" if where else f"'{type(model).__name__}.forward'"
+        hint = f"mark it as a leaf with recipe leaf_modules=['{where}']" if where else "mark the offending submodule as a leaf with recipe leaf_modules=[...]"
+        raise TraceFailure(
+            f"torch.fx could not trace {owner} at {_user_frame(exc)}: {type(exc).__name__}: {exc}. "
+            f"torch.fx cannot follow data-dependent control flow or code outside modules; {hint} "
+            f"(a leaf is kept unpruned)."
+        ) from exc
+    name = type(model).__name__
+    gm = fx.GraphModule(tracer.root, graph, name)
+    return gm
+
+
+def _spec(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return TensorSpec(tuple(value.shape), value.dtype)
+    if isinstance(value, (tuple, list)) and not isinstance(value, torch.Size):
+        return tuple(_spec(v) for v in value)
+    if isinstance(value, (int, float, bool, str, torch.Size, type(None), torch.dtype, torch.device)):
+        return value
+    return None
+
+
+class ShapeRecorder(fx.Interpreter):
+    """Runs the graph and stores each node's ``TensorSpec`` (or plain value) in ``node.meta['fxprune']``."""
+
+    def run_node(self, n: fx.Node) -> Any:
+        try:
+            result = super().run_node(n)
+        except Exception as exc:
+            raise ExampleInputsError(
+                f"example_inputs do not run through the model: node {n.format_node()} raised "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
+        n.meta[META] = _spec(result)
+        return result
+
+
+def record_shapes(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Any:
+    """Run ``example_inputs`` through ``gm`` without gradients and store shapes on its nodes; returns the output."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    required = [n for n in placeholders if not n.args]
+    if not (len(required) <= len(example_inputs) <= len(placeholders)):
+        raise ExampleInputsError(
+            f"the model's forward takes {len(required)}..{len(placeholders)} inputs "
+            f"({', '.join(n.target for n in placeholders)}) but example_inputs has {len(example_inputs)}"
+        )
+    with torch.no_grad():
+        return ShapeRecorder(gm).run(*example_inputs)
+
+
+def spec_of(node: Any) -> Any:
+    """The recorded spec of a node (``None`` for constants and unrecorded nodes)."""
+    return node.meta.get(META) if isinstance(node, fx.Node) else None

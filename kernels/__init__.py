@@ -1,0 +1,1 @@
+"""Triton kernels of fxprune, installed as ``fxprune.kernels``."""
