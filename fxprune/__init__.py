@@ -6,7 +6,7 @@ Example:
     >>> pruned = fxprune.compile(model, {"stages": [{"kind": "channels", "target": {"flops": 0.5}}]},
     ...                          example_inputs=torch.randn(1, 3, 64, 64))
 """
-from . import criteria, ops  # noqa: F401  (registers op rules and criteria)
+from . import criteria, ops, testing  # noqa: F401  (registers op rules and criteria)
 from .api import compile
 from .errors import BudgetError, ExampleInputsError, FxPruneError, PlanError, RecipeError, RewriteError, TraceFailure
 from .graph.dependency import Analysis, analyze

@@ -13,6 +13,7 @@ from torch import nn
 from .criteria import ScoreContext, get_criterion
 from .errors import ExampleInputsError, FxPruneError
 from .graph.dependency import analyze
+from .graph.space import Space
 from .passes.shrink_channels import ShrinkChannels
 from .plan import Plan
 from .planner import Planner
@@ -63,6 +64,20 @@ def _shapes(out: Any) -> Any:
     return None
 
 
+def _removed_before(a, plan: Plan) -> dict[int, int]:
+    """Per group of ``a``, how many units earlier steps (``plan``) removed, from a parameter axis' shrinkage."""
+    done: dict[int, int] = {}
+    for key, kept in plan.kept.items():
+        space = Space.parse(key)
+        i = a.index.get(space)
+        if i is None or not space.is_param:
+            continue
+        g = int(a.space_group[i])
+        n_units = int((a.unit_group == g).sum())
+        done.setdefault(g, round(n_units * plan.sizes[key] / len(kept)) - n_units)
+    return done
+
+
 @stage_runner(ChannelStage)
 def run_channel_stage(gm: fx.GraphModule, stage: ChannelStage, ctx: ScoreContext, inputs: tuple) -> Plan:
     """Prune channels in ``stage.steps`` steps; returns the composed plan (original indices)."""
@@ -71,12 +86,14 @@ def run_channel_stage(gm: fx.GraphModule, stage: ChannelStage, ctx: ScoreContext
     base = None
     for step in range(1, stage.steps + 1):
         a = analyze(gm, stage.ignore)
-        planner = Planner(a, criterion.score(a, ctx), stage)
+        planner = Planner(a, criterion.score(a, ctx), stage, _removed_before(a, plan))
         if base is None:
             base = {"macs": planner.counter.base_macs, "params": planner.counter.total_params}
         goal = stage.target_value * step / stage.steps
         kind = stage.target_kind
-        if kind == "sparsity":
+        if kind == "sparsity" and stage.scope == "local":
+            rel = goal  # local fractions count the units earlier steps removed
+        elif kind == "sparsity":
             done = stage.target_value * (step - 1) / stage.steps
             rel = 1 - (1 - goal) / (1 - done)
         else:

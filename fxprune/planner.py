@@ -31,19 +31,26 @@ class _GroupOrder:
     n_units: int  # all units of the group (frozen ones included)
     n_prunable: int
     step: int  # kept units must be a multiple of this (round_to)
+    done: int = 0  # units removed from this group by earlier steps
 
 
 class Planner:
     """Builds plans for one analysis and one set of scores."""
 
-    def __init__(self, analysis: Analysis, scores: np.ndarray, stage: ChannelStage) -> None:
+    def __init__(self, analysis: Analysis, scores: np.ndarray, stage: ChannelStage, done: dict[int, int] | None = None) -> None:
+        """``done[group]``: units earlier steps removed from a group; ``local`` fractions then count them."""
         self.a = analysis
         self.stage = stage
         self.counts = analysis.unit_space_counts()
         self.counter = Counter(analysis)
         self.orders = [self._order(g, scores) for g in analysis.prunable_groups()]
         self.orders = [o for o in self.orders if len(o.order)]
+        for o in self.orders:
+            o.done = (done or {}).get(o.group, 0)
         all_scores = np.concatenate([o.scores for o in self.orders]) if self.orders else np.zeros(0)
+        self.unit_score = np.zeros(analysis.n_units)
+        for o in self.orders:
+            self.unit_score[o.order] = o.scores
         self.sorted_scores = np.sort(all_scores)
 
     def _order(self, g: int, scores: np.ndarray) -> _GroupOrder:
@@ -82,7 +89,7 @@ class Planner:
 
     # -- how many units each group loses at a given fraction q --------------------------------------------------
     def _take(self, o: _GroupOrder, k: int) -> int:
-        k = min(k, len(o.order))
+        k = max(0, min(k, len(o.order)))
         if o.step > 1 and k > 0:
             kept = o.n_units - k
             kept = min(o.n_units, -(-kept // o.step) * o.step)
@@ -100,7 +107,7 @@ class Planner:
             t = self.sorted_scores[kth - 1]
             takes = [self._take(o, int(np.searchsorted(o.scores, t, side="right"))) for o in self.orders]
         else:
-            takes = [self._take(o, int(math.floor(q * o.n_prunable + 1e-9))) for o in self.orders]
+            takes = [self._take(o, int(math.floor(q * (o.n_prunable + o.done) + 1e-9)) - o.done) for o in self.orders]
         parts = [o.order[:k] for o, k in zip(self.orders, takes)]
         return np.concatenate(parts) if parts else np.zeros(0, np.int64)
 
@@ -135,7 +142,21 @@ class Planner:
                 hi = mid
             else:
                 lo = mid
-        return self.removed_units(hi)
+        below, above = self.removed_units(lo), self.removed_units(hi)
+        if self.stage.round_to > 1:
+            return above
+        # Many groups cross a step at the same fraction: add the units between ``lo`` and ``hi`` one by one,
+        # lowest normalized score first (each group still loses a prefix of its order), to land on the target.
+        extra = np.setdiff1d(above, below)
+        extra = extra[np.argsort(self.unit_score[extra], kind="stable")]
+        a, b = 0, len(extra)
+        while a < b:
+            m = (a + b) // 2
+            if self.reduction(np.concatenate([below, extra[:m]]), metric) >= target:
+                b = m
+            else:
+                a = m + 1
+        return np.concatenate([below, extra[:a]])
 
     def plan(self, removed: np.ndarray) -> Plan:
         a = self.a

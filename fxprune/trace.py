@@ -54,6 +54,7 @@ class PruneTracer(fx.Tracer):
         super().__init__(autowrap_functions=tuple(set(autowrap_functions) | _AUTOWRAP_FUNCTIONS))
         self.leaf_patterns = tuple(leaf_modules)
         self.module_path: list[str] = []
+        self.failed_in: str | None = None  # innermost module being traced when tracing failed
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         from .ops.registry import has_module_rule  # local: ops import trace
@@ -68,6 +69,10 @@ class PruneTracer(fx.Tracer):
         self.module_path.append(self.path_of_module(m) if self.module_path or m is not self.root else "")
         try:
             return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failed_in is None:
+                self.failed_in = self.module_path[-1]
+            raise
         finally:
             self.module_path.pop()
 
@@ -84,6 +89,9 @@ def _user_frame(exc: BaseException) -> str:
 def trace(model: nn.Module, leaf_modules: Sequence[str] = (), autowrap_functions: Iterable[Callable] = ()) -> fx.GraphModule:
     """Symbolically trace ``model`` (which is not modified) into a ``GraphModule``.
 
+    The result shares submodules with ``model``: deep-copy the model first if the trace will be shrunk
+    (``fxprune.compile`` does).
+
     Args:
         model: the module to trace.
         leaf_modules: module paths (glob patterns) or class names to keep as single, opaque calls.
@@ -96,7 +104,7 @@ def trace(model: nn.Module, leaf_modules: Sequence[str] = (), autowrap_functions
     try:
         graph = tracer.trace(model)
     except Exception as exc:  # torch.fx raises many kinds of errors from user code
-        where = next((p for p in reversed(tracer.module_path) if p), "")
+        where = tracer.failed_in or ""
         owner = f"module '{where}' ({type(model.get_submodule(where)).__name__})" if where else f"'{type(model).__name__}.forward'"
         hint = f"mark it as a leaf with recipe leaf_modules=['{where}']" if where else "mark the offending submodule as a leaf with recipe leaf_modules=[...]"
         raise TraceFailure(

@@ -1,9 +1,17 @@
-"""Shared fixtures: deterministic seeds for every test."""
+"""Shared fixtures: deterministic seeds for every test.
+
+``TRITON_INTERPRET=1`` is set here, before anything imports torch (which imports triton), so the Triton kernels
+run under the interpreter on CPU-only machines. Set ``TRITON_INTERPRET=0`` to test the compiled GPU kernels.
+"""
 from __future__ import annotations
 
-import numpy as np
-import pytest
-import torch
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

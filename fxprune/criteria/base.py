@@ -53,7 +53,7 @@ def available() -> list[str]:
 
 def get_criterion(name: str, field_path: str = "criterion") -> Criterion:
     if name not in _CRITERIA:
-        close = difflib.get_close_matches(name, _CRITERIA, n=1)
+        close = difflib.get_close_matches(name, _CRITERIA, n=1, cutoff=0.5)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
         raise RecipeError(field_path, f"unknown criterion '{name}'{hint}; available: {', '.join(available())}")
     return _CRITERIA[name]()

@@ -42,15 +42,17 @@ def reshape_blocks(a: tuple[int, ...], b: tuple[int, ...]) -> list[tuple[list[in
     return out
 
 
-def _factor_options(one: Port, d: int, many: Port, dims: list[int], one_first: bool) -> list[list[Tie]]:
-    """Ties of ``one``'s dim ``d`` to each factor dim of ``many`` (row-major), one option per factor."""
+def _factor_options(one: Port, d: int, many: Port, dims: list[int]) -> list[list[Tie]]:
+    """Ties of ``one``'s dim ``d`` to each factor dim of ``many`` (row-major), one option per factor.
+
+    The factor side is always the tie's ``b`` side: the analysis ranks options by it.
+    """
     sizes = [many.shape[k] for k in dims]
     n = math.prod(sizes)
     options = []
     for t, k in enumerate(dims):
         coord = (arange(n) // math.prod(sizes[t + 1:])) % sizes[t]
-        tie = make_tie(one.space(d), arange(n), many.space(k), coord) if one_first else make_tie(many.space(k), coord, one.space(d), arange(n))
-        options.append([tie])
+        options.append([make_tie(one.space(d), arange(n), many.space(k), coord)])
     return options
 
 
@@ -59,9 +61,9 @@ def couple_reshape(x: Port, y: Port, c: Coupling) -> None:
         if len(din) == 1 and len(dout) == 1:
             c.tie(x.space(din[0]), y.space(dout[0]), size=x.shape[din[0]])
         elif len(din) == 1:
-            c.choose(_factor_options(x, din[0], y, dout, True))
+            c.choose(_factor_options(x, din[0], y, dout))
         elif len(dout) == 1:
-            c.choose(_factor_options(y, dout[0], x, din, False))
+            c.choose(_factor_options(y, dout[0], x, din))
 
 
 def _sizes_args(node: fx.Node) -> tuple[int, list]:

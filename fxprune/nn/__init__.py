@@ -1,0 +1,5 @@
+"""fxprune.nn: drop-in modules produced by the pruning passes."""
+
+from fxprune.nn.blocksparse_linear import BlockSparseLinear
+
+__all__ = ["BlockSparseLinear"]

@@ -1,0 +1,125 @@
+"""``BlockSparseLinear``: a linear layer that stores only the kept weight blocks.
+
+Built from a dense ``nn.Linear`` and a block mask (LPViT-style semi-structured
+pruning); its forward calls ``torch.ops.fxprune.blocksparse_linear`` so it runs
+the Triton block-sparse kernel on CUDA, a dense-equivalent PyTorch path on CPU,
+compiles with ``torch.compile(fullgraph=True)`` and can be fine-tuned (the kept
+blocks ``values`` are a parameter).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from fxprune.kernels.blocksparse_matmul import bsr_to_dense, dense_to_bsr
+
+__all__ = ["BlockSparseLinear"]
+
+logger = logging.getLogger(__name__)
+
+
+class BlockSparseLinear(nn.Module):
+    """``y = x @ W^T + b`` with ``W[out_features, in_features]`` stored as BSR blocks.
+
+    Tensors: ``values`` (parameter, ``[nnz_blocks, BN, BK]``), ``col_indices``
+    (buffer, ``[nnz_blocks]``), ``row_ptr`` (buffer, ``[out_features // BN + 1]``)
+    and an optional ``bias`` parameter.  Use :meth:`from_dense` to build one.
+    """
+
+    def __init__(self, in_features: int, out_features: int, block_shape: tuple[int, int],
+                 nnz_blocks: int = 0, bias: bool = True, device: Optional[torch.device] = None,
+                 dtype: Optional[torch.dtype] = None) -> None:
+        super().__init__()
+        bn, bk = int(block_shape[0]), int(block_shape[1])
+        if bn <= 0 or bk <= 0 or out_features % bn or in_features % bk:
+            raise ValueError(f"block shape {(bn, bk)} does not tile weight shape {(out_features, in_features)}")
+        n_rows, n_cols = out_features // bn, in_features // bk
+        if not 0 <= nnz_blocks <= n_rows * n_cols:
+            raise ValueError(f"nnz_blocks must be in [0, {n_rows * n_cols}], got {nnz_blocks}")
+        self.in_features = in_features
+        self.out_features = out_features
+        self.block_shape = (bn, bk)
+        self.values = nn.Parameter(torch.zeros(nnz_blocks, bn, bk, device=device, dtype=dtype))
+        self.register_buffer("col_indices", torch.zeros(nnz_blocks, dtype=torch.int64, device=device))
+        self.register_buffer("row_ptr", torch.zeros(n_rows + 1, dtype=torch.int64, device=device))
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype))
+        else:
+            self.register_parameter("bias", None)
+
+    @classmethod
+    def from_dense(cls, linear: nn.Linear, block_mask: torch.Tensor) -> "BlockSparseLinear":
+        """Keep the blocks of ``linear.weight`` where ``block_mask`` (bool ``[N // BN, K // BK]``) is True."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"from_dense expects an nn.Linear, got {type(linear).__name__}")
+        if block_mask.dtype != torch.bool or block_mask.dim() != 2:
+            raise ValueError(f"block_mask must be a 2-D bool tensor, got {block_mask.dtype} {tuple(block_mask.shape)}")
+        n, k = linear.out_features, linear.in_features
+        n_rows, n_cols = block_mask.shape
+        if n_rows == 0 or n_cols == 0 or n % n_rows or k % n_cols:
+            raise ValueError(f"block_mask shape {(n_rows, n_cols)} does not tile weight shape {(n, k)}")
+        block_shape = (n // n_rows, k // n_cols)
+        weight = linear.weight.detach()
+        values, col_indices, row_ptr = dense_to_bsr(weight, block_shape, block_mask.to(weight.device))
+        module = cls(k, n, block_shape, nnz_blocks=values.shape[0], bias=linear.bias is not None,
+                     device=weight.device, dtype=weight.dtype)
+        with torch.no_grad():
+            module.values.copy_(values)
+            module.col_indices.copy_(col_indices)
+            module.row_ptr.copy_(row_ptr)
+            if linear.bias is not None:
+                module.bias.copy_(linear.bias.detach())
+        logger.debug("BlockSparseLinear.from_dense: kept %d/%d blocks of shape %s",
+                     values.shape[0], n_rows * n_cols, block_shape)
+        return module
+
+    @property
+    def nnz_blocks(self) -> int:
+        return self.values.shape[0]
+
+    @property
+    def density(self) -> float:
+        """Fraction of the weight's blocks that are stored."""
+        total = (self.out_features // self.block_shape[0]) * (self.in_features // self.block_shape[1])
+        return self.nnz_blocks / total if total else 0.0
+
+    def to_dense(self) -> torch.Tensor:
+        """The equivalent dense weight ``[out_features, in_features]`` (zeros where pruned)."""
+        return bsr_to_dense(self.values.detach(), self.col_indices, self.row_ptr,
+                            (self.out_features, self.in_features))
+
+    def to_linear(self) -> nn.Linear:
+        """A dense ``nn.Linear`` with the same outputs."""
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                           device=self.values.device, dtype=self.values.dtype)
+        with torch.no_grad():
+            linear.weight.copy_(self.to_dense())
+            if self.bias is not None:
+                linear.bias.copy_(self.bias)
+        return linear
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.fxprune.blocksparse_linear(
+            x, self.values, self.col_indices, self.row_ptr, self.out_features, self.in_features, self.bias)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"block_shape={self.block_shape}, nnz_blocks={self.nnz_blocks}, "
+                f"density={self.density:.3f}, bias={self.bias is not None}")
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        # The number of stored blocks is data dependent: adopt the incoming one so a
+        # state dict loads into a module built with any nnz_blocks.
+        values = state_dict.get(prefix + "values")
+        cols = state_dict.get(prefix + "col_indices")
+        if isinstance(values, torch.Tensor) and values.dim() == 3 and tuple(values.shape[1:]) == self.block_shape:
+            if values.shape[0] != self.values.shape[0]:
+                self.values = nn.Parameter(self.values.new_empty(values.shape),
+                                           requires_grad=self.values.requires_grad)
+        if isinstance(cols, torch.Tensor) and cols.dim() == 1 and cols.shape != self.col_indices.shape:
+            self.col_indices = self.col_indices.new_empty(cols.shape)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

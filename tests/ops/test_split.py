@@ -1,0 +1,98 @@
+"""Split rules: split/chunk/tensor_split into cat (CSP/C2f-style), unbind, tuple getitem, tensor slicing."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from fxprune.testing import analyze_model, channel_recipe, frozen_of, prune_and_check, units_of
+
+
+class SplitCat(nn.Module):
+    """C2f-style: a conv split in two halves, one half through convs, everything concatenated."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.cv1 = nn.Conv2d(3, 16, 1)
+        self.m1, self.m2 = nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        self.cv2 = nn.Conv2d(32, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.cv1(x)
+        if self.how == "split":
+            a, b = torch.split(y, [8, 8], dim=1)
+        elif self.how == "chunk":
+            a, b = y.chunk(2, 1)
+        else:
+            a, b = y[:, :8], y[:, 8:]
+        c = self.m1(b)
+        d = self.m2(c) + c
+        return self.cv2(torch.cat([a, b, c, d], 1))
+
+
+def test_split_maps_halves_to_their_cat_offsets() -> None:
+    a = analyze_model(SplitCat("split"), torch.randn(1, 3, 4, 4))
+    cv1 = units_of(a, "@cv1:0:0")
+    cv2_in = units_of(a, "@cv2:0:1")
+    np.testing.assert_array_equal(cv2_in[:16], cv1)
+    np.testing.assert_array_equal(cv2_in[8:16], units_of(a, "@m1:0:1"))
+
+
+def test_split_chunk_slice_then_cat_masked_equals_shrunk() -> None:
+    x = torch.randn(2, 3, 5, 5)
+    for how in ("split", "chunk", "slice"):
+        model = SplitCat(how).eval()
+        pruned = prune_and_check(model, channel_recipe(0.5), x)
+        # one group (the cat joins cv1 with m1/m2): 24 units, half of them removed
+        assert pruned.cv1.out_channels + pruned.m1.out_channels == 12
+        assert pruned.cv2.in_channels == pruned.cv1.out_channels + 2 * pruned.m1.out_channels
+
+
+def test_uneven_chunks_after_pruning_become_split_sizes() -> None:
+    model = SplitCat("chunk").eval()
+    with torch.no_grad():
+        model.cv1.weight[:6] *= 1e-3  # the first half's channels are the weakest: pruned first
+    pruned = prune_and_check(model, channel_recipe(0.5), torch.randn(2, 3, 5, 5))
+    targets = [n.target for n in pruned.graph.nodes if n.op in ("call_function", "call_method")]
+    assert torch.split in targets and "chunk" not in targets
+    halves = [n for n in pruned.graph.nodes if n.target is torch.split][0].args[1]
+    assert halves[0] != halves[1]  # the two halves were pruned unevenly, which chunk could not express
+
+
+class Unbind(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv, self.out = nn.Linear(6, 3 * 8), nn.Linear(8, 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(x).reshape(x.shape[0], 3, 8).unbind(1)
+        return self.out(q * k + v)
+
+
+def test_unbind_couples_the_three_parts() -> None:
+    model = Unbind().eval()
+    x = torch.randn(4, 6)
+    a = analyze_model(model, x)
+    u = units_of(a, "@qkv:0:0").reshape(3, 8)
+    assert (u == u[0]).all()  # q, k, v channel i go together
+    pruned = prune_and_check(model, channel_recipe(0.5), x)
+    assert pruned.qkv.out_features == 12 and pruned.out.in_features == 4
+
+
+class ConstantIndex(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.head = nn.Conv2d(3, 8, 1), nn.Conv2d(1, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.conv(x)[:, 5:6] * self.conv(x)[:, 2, None])
+
+
+def test_constant_index_freezes_the_picked_channel_only() -> None:
+    model = ConstantIndex().eval()
+    x = torch.randn(2, 3, 4, 4)
+    a = analyze_model(model, x)
+    fro = frozen_of(a, "@conv:0:0")
+    assert fro[2] and fro[5] and not fro[[0, 1, 3, 4, 6, 7]].any()
+    prune_and_check(model, channel_recipe(0.5), x)
