@@ -4,7 +4,7 @@ from __future__ import annotations
 import copy
 import logging
 from pathlib import Path
-from typing import Any, Callable, Sequence, Union
+from typing import Any, Callable, Union
 
 import torch
 import torch.fx as fx
@@ -19,7 +19,6 @@ from .plan import Plan
 from .planner import Planner
 from .recipe import ChannelStage, Recipe
 from .trace import record_shapes, spec_of, trace
-from .work import Counter
 
 log = logging.getLogger(__name__)
 _STAGE_RUNNERS: dict[type, Callable[..., Plan]] = {}
@@ -52,16 +51,6 @@ def _check_model(model: Any) -> None:
     bad = [n for n, p in model.named_parameters() if p.numel() and not torch.isfinite(p.detach().sum()) and not torch.isfinite(p).all()]
     if bad:
         raise FxPruneError(f"parameter '{bad[0]}' holds NaN or Inf values: criteria cannot rank channels of a broken model")
-
-
-def _shapes(out: Any) -> Any:
-    if isinstance(out, torch.Tensor):
-        return tuple(out.shape)
-    if isinstance(out, (tuple, list)):
-        return type(out)(_shapes(o) for o in out) if not hasattr(out, "_fields") else tuple(_shapes(o) for o in out)
-    if isinstance(out, dict):
-        return {k: _shapes(v) for k, v in out.items()}
-    return None
 
 
 def _removed_before(a, plan: Plan) -> dict[int, int]:
@@ -115,7 +104,10 @@ def compile(  # noqa: A001  (the name users expect)
     *,
     example_inputs: Any,
     data: Any = None,
-) -> fx.GraphModule:
+    evaluate: Callable[[nn.Module], float] | None = None,
+    finetune: Callable[[nn.Module, int], None] | None = None,
+    backend: str | None = None,
+) -> nn.Module:
     """Prune ``model`` as ``recipe`` says and return a new, physically smaller ``GraphModule``.
 
     The input model is never modified. The result carries its plan as ``result.fxprune_plan``.
@@ -125,9 +117,12 @@ def compile(  # noqa: A001  (the name users expect)
         recipe: a ``Recipe``, a dict, or a path to a YAML/JSON recipe file.
         example_inputs: a tensor or tuple of tensors the model accepts (small shapes are fine).
         data: calibration data for data-driven criteria (ignored by ``l1``/``l2``/``bn_scale``/``random``).
+        evaluate: ``evaluate(model) -> float`` (higher is better), for sensitivity-driven stages.
+        finetune: ``finetune(model, step)``, called after each pruning step of iterative stages.
+        backend: if given (e.g. ``"inductor"``), return ``torch.compile(pruned, backend=backend, fullgraph=True)``.
 
     Returns:
-        A ``torch.fx.GraphModule`` whose output shapes equal the model's.
+        A ``torch.fx.GraphModule`` whose output shapes equal the model's (compiled when ``backend`` is set).
 
     Example:
         >>> pruned = fxprune.compile(torchvision.models.resnet18(), {"stages": [{"target": {"flops": 0.5}}]},
@@ -146,13 +141,18 @@ def compile(  # noqa: A001  (the name users expect)
         runner = _STAGE_RUNNERS.get(type(stage))
         if runner is None:
             raise FxPruneError(f"stage kind '{stage.kind}' (stages[{i}]) is not implemented")
-        ctx = ScoreContext(seed=getattr(stage, "seed", 0), data=data, example_inputs=inputs)
+        ctx = ScoreContext(seed=getattr(stage, "seed", 0), data=data, example_inputs=inputs, evaluate=evaluate,
+                           finetune=finetune)
         plan = plan.compose(runner(gm, stage, ctx, inputs))
     after = output_spec(gm)
     if before != after:
         raise FxPruneError(f"internal error: output shapes changed from {before} to {after}")
     gm.fxprune_plan = plan
     gm.train(training)
+    if backend is not None:
+        compiled = torch.compile(gm, backend=backend, fullgraph=True)
+        compiled.fxprune_plan = plan
+        return compiled
     return gm
 
 
@@ -161,4 +161,4 @@ def output_spec(gm: fx.GraphModule) -> Any:
     return [spec_of(a) for a in out.all_input_nodes]
 
 
-__all__ = ["compile", "stage_runner", "run_channel_stage", "Counter", "Sequence"]
+__all__ = ["compile", "stage_runner", "run_channel_stage"]

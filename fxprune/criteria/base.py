@@ -18,11 +18,17 @@ from ..graph.space import arange
 
 @dataclass
 class ScoreContext:
-    """What a criterion may use besides the graph: the stage's seed, calibration data and labels."""
+    """What a criterion or stage may use besides the graph.
+
+    ``data``: calibration data (an iterable of input batches, or of ``(inputs, labels)`` pairs);
+    ``evaluate(model) -> float`` and ``finetune(model, step)``: user callbacks from ``fxprune.compile``.
+    """
 
     seed: int = 0
     data: Any = None
     example_inputs: tuple = ()
+    evaluate: Any = None
+    finetune: Any = None
     options: dict[str, Any] = field(default_factory=dict)
 
 
