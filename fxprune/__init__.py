@@ -13,6 +13,7 @@ from .graph.dependency import Analysis, analyze
 from .plan import Plan
 from .recipe import ChannelStage, Recipe, register_stage
 from .report import Report, report
+from .serialize import load, save
 from .trace import record_shapes, register_autowrap_function, register_leaf, trace
 
 __version__ = "0.1.0"
@@ -20,5 +21,5 @@ __version__ = "0.1.0"
 __all__ = [
     "compile", "report", "Report", "Recipe", "ChannelStage", "Plan", "Analysis", "analyze", "trace", "record_shapes",
     "register_leaf", "register_autowrap_function", "register_stage", "FxPruneError", "RecipeError", "TraceFailure",
-    "ExampleInputsError", "BudgetError", "PlanError", "RewriteError",
+    "ExampleInputsError", "BudgetError", "PlanError", "RewriteError", "save", "load",
 ]

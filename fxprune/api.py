@@ -110,7 +110,8 @@ def compile(  # noqa: A001  (the name users expect)
 ) -> nn.Module:
     """Prune ``model`` as ``recipe`` says and return a new, physically smaller ``GraphModule``.
 
-    The input model is never modified. The result carries its plan as ``result.fxprune_plan``.
+    The input model is never modified. The result carries its plan as ``result.fxprune_plan`` and its recipe as
+    ``result.fxprune_recipe``.
 
     Args:
         model: any traceable ``nn.Module`` (in train or eval mode; the result has the same mode).
@@ -148,10 +149,11 @@ def compile(  # noqa: A001  (the name users expect)
     if before != after:
         raise FxPruneError(f"internal error: output shapes changed from {before} to {after}")
     gm.fxprune_plan = plan
+    gm.fxprune_recipe = recipe
     gm.train(training)
     if backend is not None:
         compiled = torch.compile(gm, backend=backend, fullgraph=True)
-        compiled.fxprune_plan = plan
+        compiled.fxprune_plan, compiled.fxprune_recipe = plan, recipe
         return compiled
     return gm
 

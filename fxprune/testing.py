@@ -6,8 +6,9 @@ removed channels is zeroed at those channels right where it is produced (``torch
 """
 from __future__ import annotations
 
+import contextlib
 import copy
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import torch
 import torch.fx as fx
@@ -27,9 +28,13 @@ def _zero_masked(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
 
 
 def masked_model(model: nn.Module, plan: Plan, example_inputs: Sequence[Any], leaf_modules: Sequence[str] = ()) -> fx.GraphModule:
-    """The original model with every channel the plan removes zeroed wherever it appears."""
-    gm = trace(copy.deepcopy(model).eval(), leaf_modules)
-    record_shapes(gm, tuple(example_inputs))
+    """The original model with every channel the plan removes zeroed wherever it appears.
+
+    The result shares (unmodified) submodules with ``model``: run it in eval mode through ``_run_eval``.
+    """
+    gm = trace(model, leaf_modules)
+    with _eval_mode(gm):
+        record_shapes(gm, tuple(example_inputs))
     by_node: dict[str, dict[int, torch.Tensor]] = {}
     for space, kept in plan.kept_spaces().items():
         if space.is_param:
@@ -57,6 +62,24 @@ def masked_model(model: nn.Module, plan: Plan, example_inputs: Sequence[Any], le
     gm.graph.lint()
     gm.recompile()
     return gm
+
+
+@contextlib.contextmanager
+def _eval_mode(module: nn.Module) -> Iterator[None]:
+    """Eval mode and no gradients inside; every submodule's training flag restored after."""
+    flags = {m: m.training for m in module.modules()}
+    module.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        for m, flag in flags.items():
+            m.training = flag
+
+
+def _run_eval(module: nn.Module, inputs: tuple) -> Any:
+    with _eval_mode(module):
+        return module(*inputs)
 
 
 def _flatten(out: Any) -> list[torch.Tensor]:
@@ -97,11 +120,7 @@ def assert_masked_equals_shrunk(
         record_shapes(shrunk, inputs)
         ShrinkChannels(plan, inputs)(shrunk)
     masked = masked_model(model, plan, inputs, leaf_modules)
-    was_training = shrunk.training
-    shrunk.eval()
-    with torch.no_grad():
-        want, got = _flatten(masked(*inputs)), _flatten(shrunk(*inputs))
-    shrunk.train(was_training)
+    want, got = _flatten(_run_eval(masked, inputs)), _flatten(_run_eval(shrunk, inputs))
     assert len(want) == len(got), f"masked model returns {len(want)} tensors, shrunk model {len(got)}"
     for i, (w, g) in enumerate(zip(want, got)):
         assert w.shape == g.shape, f"output {i}: masked shape {tuple(w.shape)} != shrunk shape {tuple(g.shape)}"

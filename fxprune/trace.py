@@ -142,6 +142,27 @@ class ShapeRecorder(fx.Interpreter):
         return result
 
 
+def _meta(value: Any) -> Any:
+    return value.to("meta") if isinstance(value, torch.Tensor) else value
+
+
+class MetaShapeRecorder(ShapeRecorder):
+    """Records shapes on the meta device: parameters are swapped for meta tensors per call, nothing is computed."""
+
+    # Shape-preserving modules whose meta kernels are slow Python decompositions: the output is the input's shape.
+    SAME_SHAPE = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+
+    def call_module(self, target: Any, args: tuple, kwargs: dict) -> Any:
+        module = self.fetch_attr(target)
+        if isinstance(module, self.SAME_SHAPE) and len(args) == 1 and not kwargs:
+            return torch.empty_like(args[0])
+        state = {n: _meta(t) for n, t in [*module.named_parameters(), *module.named_buffers()]}
+        return torch.func.functional_call(module, state, args, kwargs)
+
+    def get_attr(self, target: Any, args: tuple, kwargs: dict) -> Any:
+        return _meta(super().get_attr(target, args, kwargs))
+
+
 def record_shapes(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Any:
     """Run ``example_inputs`` through ``gm`` without gradients and store shapes on its nodes; returns the output."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
@@ -152,6 +173,10 @@ def record_shapes(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Any:
             f"({', '.join(n.target for n in placeholders)}) but example_inputs has {len(example_inputs)}"
         )
     with torch.no_grad():
+        try:  # shapes only: the meta device skips all arithmetic
+            return MetaShapeRecorder(gm).run(*[_meta(x) for x in example_inputs])
+        except Exception as exc:  # an op without a meta kernel, or a real error the real run reports
+            log.debug("meta-device shape recording failed (%s); running for real", exc)
         return ShapeRecorder(gm).run(*example_inputs)
 
 

@@ -13,6 +13,10 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+# One intra-op thread per test process: with pytest-xdist workers on 2 cores, more threads oversubscribe the
+# cores and small convolutions slow down a hundredfold.
+torch.set_num_threads(1)
+
 
 @pytest.fixture(autouse=True)
 def _seed() -> None:

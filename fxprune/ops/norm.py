@@ -96,6 +96,16 @@ class GroupNormRule(_ChannelNorm):
         m.num_groups = m.num_channels // per
 
 
+def _couple_layer_norm(node: fx.Node, c: Coupling, k: int):
+    """Pass every dim through and freeze the ``k`` normalized (last) dims; returns the input port."""
+    x, y = _identity(node, c)
+    if x is None or y is None:
+        return None
+    for d in range(x.ndim - k, x.ndim):
+        c.freeze(x.space(d), LAYER_NORM_REASON)
+    return x
+
+
 @register_op(nn.LayerNorm, nn.RMSNorm)
 class LayerNormRule(OpRule):
     """LayerNorm over the last dims: other dims pass through, normalized dims are frozen."""
@@ -103,12 +113,7 @@ class LayerNormRule(OpRule):
     name = "layer_norm"
 
     def couple(self, node: fx.Node, c: Coupling) -> None:
-        x, y = _identity(node, c)
-        if x is None or y is None:
-            return
-        k = len(c.module().normalized_shape)
-        for d in range(x.ndim - k, x.ndim):
-            c.freeze(x.space(d), LAYER_NORM_REASON)
+        _couple_layer_norm(node, c, len(c.module().normalized_shape))
 
 
 @register_op(F.layer_norm, F.rms_norm)
@@ -116,12 +121,9 @@ class LayerNormFunctionRule(OpRule):
     name = "layer_norm"
 
     def couple(self, node: fx.Node, c: Coupling) -> None:
-        x, y = _identity(node, c)
-        if x is None or y is None:
+        x = _couple_layer_norm(node, c, len(arg(node, 1, "normalized_shape")))
+        if x is None:
             return
-        k = len(arg(node, 1, "normalized_shape"))
-        for d in range(x.ndim - k, x.ndim):
-            c.freeze(x.space(d), LAYER_NORM_REASON)
         for name, i in (("weight", 2), ("bias", 3)):  # affine tensors align with the normalized dims
             p = c.port(arg(node, i, name))
             if p is not None:

@@ -1,0 +1,197 @@
+"""Saving and loading pruned models without pickle.
+
+``fxprune.save(pruned, "model.fxp")`` writes ONE file, a plain `safetensors <https://github.com/huggingface/safetensors>`_
+file: its tensors are the pruned model's ``state_dict`` and its string header metadata holds
+
+* ``format`` = ``"fxprune.model"`` and ``format_version`` (currently ``"1"``),
+* ``plan``: the plan JSON (``Plan.to_json``: kept indices relative to the original model),
+* ``leaf_modules``: a JSON list, the recipe's leaf modules (the replay must trace the same graph),
+* ``inputs``: a JSON list of the example inputs' shapes and dtypes (used when ``load`` gets no inputs),
+* ``training``: ``"true"``/``"false"``, the pruned model's mode, restored by ``load``,
+* ``fxprune_version`` and ``torch_version`` (informational).
+
+``fxprune.load(path, model_or_constructor, example_inputs)`` traces the original architecture again, replays the
+plan with ``ShrinkChannels`` and then loads the saved tensors, so weights changed after pruning (fine-tuning)
+survive. Any safetensors reader can open the file; nothing in it is executable.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from pathlib import Path
+from typing import Any, Callable, Sequence, Union
+
+import torch
+import torch.fx as fx
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .errors import FxPruneError, PlanError
+from .passes.shrink_channels import ShrinkChannels
+from .plan import Plan
+from .trace import record_shapes, trace
+
+log = logging.getLogger(__name__)
+
+FORMAT = "fxprune.model"
+FORMAT_VERSION = "1"
+_DTYPES = {str(d): d for d in (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.int8, torch.uint8,
+                               torch.int16, torch.int32, torch.int64, torch.bool)}
+
+
+def _unwrap(pruned: nn.Module) -> nn.Module:
+    """The ``GraphModule`` behind a ``torch.compile``d result (``fxprune.compile(..., backend=...)``)."""
+    inner = getattr(pruned, "_orig_mod", None)
+    return inner if isinstance(inner, nn.Module) else pruned
+
+
+def _leaf_modules_of(pruned: nn.Module, leaf_modules: Sequence[str] | None) -> list[str]:
+    if leaf_modules is not None:
+        return list(leaf_modules)
+    recipe = getattr(pruned, "fxprune_recipe", None)
+    return list(getattr(recipe, "leaf_modules", []) or [])
+
+
+def _as_tuple(example_inputs: Any) -> tuple:
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, (tuple, list)):
+        return tuple(example_inputs)
+    raise TypeError(f"example_inputs must be a tensor or a tuple of tensors, got {type(example_inputs).__name__}")
+
+
+def save(pruned: nn.Module, path: Union[str, Path], *, leaf_modules: Sequence[str] | None = None,
+         example_inputs: Any = None) -> Path:
+    """Write ``pruned`` (a result of ``fxprune.compile``) to the single safetensors file ``path``.
+
+    Args:
+        pruned: the pruned model; it must carry ``fxprune_plan`` (a ``torch.compile``d result is unwrapped).
+        path: the file to write (conventionally ``*.fxp``); parent directories are created.
+        leaf_modules: the recipe's ``leaf_modules`` if it had any (default: ``pruned.fxprune_recipe``'s, else none).
+        example_inputs: optional; their shapes and dtypes are stored so ``load`` can run without inputs.
+
+    Returns:
+        The path written.
+
+    Example:
+        >>> fxprune.save(pruned, "resnet18.fxp")
+        >>> again = fxprune.load("resnet18.fxp", torchvision.models.resnet18, torch.randn(1, 3, 64, 64))
+    """
+    plan = getattr(pruned, "fxprune_plan", None)
+    if not isinstance(plan, Plan):
+        raise FxPruneError("fxprune.save needs a model returned by fxprune.compile (it has no 'fxprune_plan')")
+    module = _unwrap(pruned)
+    # Clones: safetensors refuses tensors that share storage (tied weights); loading fills every key again.
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in module.state_dict().items()}
+    inputs = [] if example_inputs is None else [
+        {"shape": list(t.shape), "dtype": str(t.dtype)} for t in _as_tuple(example_inputs) if isinstance(t, torch.Tensor)]
+    from . import __version__
+
+    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "plan": plan.to_json(),
+            "leaf_modules": json.dumps(_leaf_modules_of(pruned, leaf_modules)), "inputs": json.dumps(inputs),
+            "training": json.dumps(bool(module.training)), "fxprune_version": __version__, "torch_version": torch.__version__}
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out), metadata=meta)
+    log.info("saved %d tensors and a plan of %d spaces to %s", len(tensors), len(plan.kept), out)
+    return out
+
+
+def read_metadata(path: Union[str, Path]) -> dict[str, Any]:
+    """The decoded header of an fxprune file: ``plan`` (a ``Plan``), ``leaf_modules``, ``inputs`` and versions."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"fxprune file '{p}' does not exist")
+    try:
+        with safe_open(str(p), framework="pt") as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise FxPruneError(f"'{p}' is not an fxprune file (not a safetensors file: {exc})") from exc
+    if meta.get("format") != FORMAT:
+        raise FxPruneError(f"'{p}' is a safetensors file but not an fxprune file (no format '{FORMAT}' in its header)")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise FxPruneError(f"'{p}' has fxprune format version {meta.get('format_version')!r}; this fxprune reads {FORMAT_VERSION}")
+    try:
+        return {"plan": Plan.from_json(meta["plan"]), "leaf_modules": json.loads(meta.get("leaf_modules", "[]")),
+                "inputs": json.loads(meta.get("inputs", "[]")), "training": json.loads(meta.get("training", "false")),
+                "fxprune_version": meta.get("fxprune_version"),
+                "torch_version": meta.get("torch_version")}
+    except (KeyError, json.JSONDecodeError) as exc:
+        raise FxPruneError(f"'{p}' has a damaged fxprune header: {exc}") from exc
+
+
+def _instantiate(model_or_constructor: Union[nn.Module, Callable[[], nn.Module]]) -> nn.Module:
+    if isinstance(model_or_constructor, nn.Module):
+        return copy.deepcopy(model_or_constructor)  # never touch the caller's model
+    if callable(model_or_constructor):
+        model = model_or_constructor()
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"the constructor returned {type(model).__name__}, not a torch.nn.Module")
+        return model
+    raise TypeError(f"expected an nn.Module or a zero-argument constructor, got {type(model_or_constructor).__name__}")
+
+
+def _default_inputs(specs: list[dict], path: Path) -> tuple:
+    if not specs:
+        raise FxPruneError(f"'{path}' stores no example input shapes: pass example_inputs to fxprune.load")
+    return tuple(torch.zeros(s["shape"], dtype=_DTYPES.get(s["dtype"], torch.float32)) for s in specs)
+
+
+def _load_weights(gm: fx.GraphModule, tensors: dict[str, torch.Tensor], path: Path, arch: str) -> None:
+    own = gm.state_dict()
+    missing = sorted(set(own) - set(tensors))
+    extra = sorted(set(tensors) - set(own))
+    if missing or extra:
+        which = f"missing from the file: {', '.join(missing[:3])}" if missing else f"unknown to the model: {', '.join(extra[:3])}"
+        raise PlanError(f"'{path}' does not fit {arch}: its tensors differ from the pruned model's ({which})")
+    for key, value in tensors.items():
+        if tuple(own[key].shape) != tuple(value.shape):
+            module = key.rsplit(".", 1)[0]
+            raise PlanError(f"'{path}' does not fit {arch}: module '{module}' has '{key}' of shape {tuple(own[key].shape)} "
+                            f"after replaying the plan, the file holds {tuple(value.shape)}")
+    gm.load_state_dict(tensors, strict=True)
+
+
+def load(path: Union[str, Path], model_or_constructor: Union[nn.Module, Callable[[], nn.Module]],
+         example_inputs: Any = None) -> fx.GraphModule:
+    """Rebuild a pruned model saved with ``fxprune.save``.
+
+    The plan is replayed on the original architecture and the saved weights are then loaded into the result.
+
+    Args:
+        path: a file written by ``fxprune.save``.
+        model_or_constructor: the ORIGINAL (unpruned) architecture: an instance (deep-copied, never modified; its
+            weights are replaced) or a zero-argument constructor such as ``torchvision.models.resnet18``.
+        example_inputs: a tensor or tuple the model accepts, used to record shapes while replaying. Default: zeros
+            of the shapes stored by ``save(..., example_inputs=...)``.
+
+    Returns:
+        A ``torch.fx.GraphModule`` with ``fxprune_plan``, in the train/eval mode the pruned model was saved in.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        FxPruneError: the file is not an fxprune file.
+        PlanError: the plan or the weights do not fit the model (the message names the space or module).
+    """
+    p = Path(path)
+    meta = read_metadata(p)
+    plan: Plan = meta["plan"]
+    model = _instantiate(model_or_constructor)
+    arch = type(model).__name__
+    inputs = _default_inputs(meta["inputs"], p) if example_inputs is None else _as_tuple(example_inputs)
+    gm = trace(model.eval(), meta["leaf_modules"])
+    record_shapes(gm, inputs)
+    try:
+        ShrinkChannels(plan, inputs)(gm)
+    except PlanError as exc:
+        raise PlanError(f"the plan in '{p}' does not fit {arch}: {exc}") from exc
+    _load_weights(gm, load_file(str(p)), p, arch)
+    gm.fxprune_plan = plan
+    gm.train(bool(meta["training"]))
+    log.info("loaded %s from %s (%d spaces shrunk)", arch, p, len(plan.kept))
+    return gm
+
+
+__all__ = ["save", "load", "read_metadata", "FORMAT", "FORMAT_VERSION"]
