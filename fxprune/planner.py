@@ -2,11 +2,14 @@
 
 Per group, units are ordered by score (lowest first) and taken greedily while every space keeps at least one
 slot and the group keeps ``1 - max_sparsity`` of its units. A budget picks how far down each order to go: the
-same fraction in every group (``local``) or one threshold on group-normalized scores (``global``). FLOPs and
+same fraction in every group (``local``), one threshold on group-normalized scores (``global``), or one
+threshold on raw scores per module family, the same fraction in every family (``module``, DIMAP arXiv 2404.13648;
+groups in no family are left alone). FLOPs and
 parameter budgets are met by bisection on that fraction, counting MACs and parameters at the shrunk sizes.
 """
 from __future__ import annotations
 
+import fnmatch
 import logging
 import math
 from dataclasses import dataclass
@@ -45,6 +48,13 @@ class Planner:
         self.counter = Counter(analysis)
         self.orders = [self._order(g, scores) for g in analysis.prunable_groups()]
         self.orders = [o for o in self.orders if len(o.order)]
+        self.family: dict[int, str] = {}
+        if stage.scope == "module":
+            self.family = {o.group: f for o in self.orders if (f := self._family(o.group)) is not None}
+            left = [o.group for o in self.orders if o.group not in self.family]
+            if left:
+                log.info("scope 'module': %d prunable groups match no module family and are not pruned", len(left))
+            self.orders = [o for o in self.orders if o.group in self.family]
         for o in self.orders:
             o.done = (done or {}).get(o.group, 0)
         all_scores = np.concatenate([o.scores for o in self.orders]) if self.orders else np.zeros(0)
@@ -52,6 +62,15 @@ class Planner:
         for o in self.orders:
             self.unit_score[o.order] = o.scores
         self.sorted_scores = np.sort(all_scores)
+
+    def _family(self, g: int) -> str | None:
+        """The first family naming a layer that produces group ``g``'s channels, else one that reads them."""
+        params = [self.a.spaces[i] for i in np.flatnonzero(self.a.space_group == g) if self.a.spaces[i].is_param]
+        for produces in (True, False):
+            for name, patterns in self.stage.modules.items():
+                if any((s.dim == 0 or not produces) and fnmatch.fnmatchcase(s.owner[1:], p) for s in params for p in patterns):
+                    return name
+        return None
 
     def _order(self, g: int, scores: np.ndarray) -> _GroupOrder:
         a = self.a
@@ -82,7 +101,7 @@ class Planner:
                 order.append(u)
         order = np.asarray(order, np.int64)
         mean = float(np.mean(np.abs(scores[units]))) if len(units) else 1.0
-        norm = scores[order] / (mean if mean > 0 and np.isfinite(mean) else 1.0)
+        norm = scores[order] / (mean if mean > 0 and np.isfinite(mean) and self.stage.scope != "module" else 1.0)
         r = self.stage.round_to
         step = r // math.gcd(r, max(width, 1))
         return _GroupOrder(g, order, norm, int(in_group.sum()), len(units), step)
@@ -106,6 +125,15 @@ class Planner:
                 return np.zeros(0, np.int64)
             t = self.sorted_scores[kth - 1]
             takes = [self._take(o, int(np.searchsorted(o.scores, t, side="right"))) for o in self.orders]
+        elif self.stage.scope == "module":
+            takes = [0] * len(self.orders)
+            for fam in dict.fromkeys(self.family.values()):
+                members = [i for i, o in enumerate(self.orders) if self.family[o.group] == fam]
+                ranked = np.sort(np.concatenate([self.orders[i].scores for i in members]))
+                kth = min(int(round(q * sum(self.orders[i].n_prunable for i in members))), len(ranked))
+                for i in members:
+                    o = self.orders[i]
+                    takes[i] = self._take(o, int(np.searchsorted(o.scores, ranked[kth - 1], side="right"))) if kth else 0
         else:
             takes = [self._take(o, int(math.floor(q * (o.n_prunable + o.done) + 1e-9)) - o.done) for o in self.orders]
         parts = [o.order[:k] for o, k in zip(self.orders, takes)]

@@ -59,8 +59,11 @@ class ChannelStage:
         target: exactly one of ``{"sparsity": s}`` (fraction of each group's / all units removed),
             ``{"flops": f}`` (fraction of MACs removed) or ``{"params": p}`` (fraction of parameters removed).
         criterion: name of a registered criterion (``l1``, ``l2``, ``bn_scale``, ``random``, ...).
-        scope: ``local`` (same rate in every group) or ``global`` (one ranking across groups, scores normalized
-            by each group's mean).
+        scope: ``local`` (same rate in every group), ``global`` (one ranking across groups, scores normalized
+            by each group's mean) or ``module`` (one ranking and the same rate per module family, raw scores).
+        modules: for ``scope: module``, family name -> glob patterns of module paths (e.g. ``{"mlp": ["*.fc1",
+            "*.fc2"]}``); a group belongs to the first family naming a layer that produces its channels (else one
+            that reads them). Groups in no family are not pruned.
         ignore: glob patterns of module paths whose channels must not change.
         round_to: kept units per group rounded up to a multiple of this (channel-aware for grouped convs).
         steps: prune in this many equal steps, re-scoring in between.
@@ -72,6 +75,7 @@ class ChannelStage:
     target: dict = field(default_factory=lambda: {"sparsity": 0.5})
     criterion: str = "l2"
     scope: str = "local"
+    modules: dict = field(default_factory=dict)
     ignore: list = field(default_factory=list)
     round_to: int = 1
     steps: int = 1
@@ -89,8 +93,15 @@ class ChannelStage:
         from .criteria import get_criterion
 
         get_criterion(self.criterion, f"{path}.criterion")
-        if self.scope not in ("local", "global"):
-            raise RecipeError(f"{path}.scope", f"must be 'local' or 'global', got {self.scope!r}")
+        if self.scope not in ("local", "global", "module"):
+            raise RecipeError(f"{path}.scope", f"must be 'local' or 'global' (or 'module', with modules), got {self.scope!r}")
+        if not isinstance(self.modules, dict) or not all(
+                isinstance(k, str) and isinstance(v, list) and v and all(isinstance(p, str) for p in v)
+                for k, v in self.modules.items()):
+            raise RecipeError(f"{path}.modules", f"must map family names to non-empty lists of module-path patterns, "
+                                                 f"got {self.modules!r}")
+        if self.scope == "module" and not self.modules:
+            raise RecipeError(f"{path}.modules", "scope 'module' needs at least one module family")
         if not isinstance(self.ignore, list) or not all(isinstance(p, str) for p in self.ignore):
             raise RecipeError(f"{path}.ignore", f"must be a list of module-path patterns, got {self.ignore!r}")
         for name in ("round_to", "steps"):
