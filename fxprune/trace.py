@@ -44,6 +44,33 @@ class TensorSpec:
     dtype: torch.dtype
 
 
+def _static_length(node: fx.Node) -> int | None:
+    """How many items a split-like node returns, when its arguments say so (``chunk(n)``, ``split([...])``)."""
+    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+    second = node.args[1] if len(node.args) > 1 else node.kwargs.get("chunks", node.kwargs.get("split_size_or_sections"))
+    if name == "chunk" and isinstance(second, int):
+        return second
+    if name in ("split", "split_with_sizes", "tensor_split") and isinstance(second, (list, tuple)):
+        return len(second) + (name == "tensor_split")
+    return None
+
+
+class PruneProxy(fx.Proxy):
+    """A proxy that can be iterated when the item count is static, e.g. ``list(x.chunk(2, 1))`` (YOLOv8's C2f)."""
+
+    def __len__(self) -> int:
+        n = _static_length(self.node)
+        if n is None:
+            return super().__len__()
+        return n
+
+    def __iter__(self):  # type: ignore[override]
+        n = _static_length(self.node)
+        if n is None:
+            return super().__iter__()
+        return iter([self[i] for i in range(n)])
+
+
 class PruneTracer(fx.Tracer):
     """A tracer whose leaves are the modules fxprune has rules for, torch.nn modules, and user leaves.
 
@@ -55,6 +82,9 @@ class PruneTracer(fx.Tracer):
         self.leaf_patterns = tuple(leaf_modules)
         self.module_path: list[str] = []
         self.failed_in: str | None = None  # innermost module being traced when tracing failed
+
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return PruneProxy(node, self)
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         from .ops.registry import has_module_rule  # local: ops import trace

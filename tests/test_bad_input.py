@@ -139,3 +139,17 @@ def test_train_mode_model_keeps_mode_and_bn_statistics() -> None:
 def test_not_a_module() -> None:
     with pytest.raises(TypeError, match="nn.Module"):
         fxprune.compile(lambda x: x, channel_recipe(0.5), example_inputs=X)
+
+
+def test_unknown_criterion_lists_available_ones() -> None:
+    with pytest.raises(RecipeError, match=r"'stages\[0\].criterion': unknown criterion 'magic'; available: .*l2"):
+        fxprune.compile(Net(), channel_recipe(0.5, criterion="magic"), example_inputs=X)
+
+
+def test_recipe_file_missing_or_unparsable(tmp_path) -> None:
+    with pytest.raises(RecipeError, match="does not exist"):
+        fxprune.compile(Net(), tmp_path / "nope.yaml", example_inputs=X)
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"stages": [')
+    with pytest.raises(RecipeError, match="not valid YAML/JSON"):
+        fxprune.compile(Net(), bad, example_inputs=X)

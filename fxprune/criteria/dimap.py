@@ -19,6 +19,8 @@ For the weight-level LAMP score aggregated per channel, use the ``lamp`` criteri
 """
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import torch
 
@@ -27,6 +29,7 @@ from .base import ScoreContext, register_criterion, slot_values, unit_sum
 from .lamp import lamp_scores
 
 WEIGHT_ROLES = ("weight", "weight_in")
+log = logging.getLogger(__name__)
 
 
 def slice_scores(analysis: Analysis) -> np.ndarray:
@@ -47,3 +50,38 @@ class DIMAPCriterion:
 
     def score(self, analysis: Analysis, ctx: ScoreContext) -> np.ndarray:
         return unit_sum(analysis, slice_scores(analysis))
+
+
+def weight_masks(model: torch.nn.Module, modules: dict[str, list[str]], sparsity: float) -> dict[str, torch.Tensor]:
+    """DIMAP's weight-level (unstructured) form: keep-masks for the weights of every layer in a module family.
+
+    Each ``nn.Linear`` / ``nn.Conv*`` weight whose module path matches a family's glob patterns scores every value
+    by ``w^2 / sum(v^2 for |v| >= |w|)`` within its own layer; one threshold per family then removes the fraction
+    ``sparsity`` of that family's weights (our reading of the paper: the same sparsity in every family). Layers in
+    no family get no mask (DIMAP never prunes patch embedding, patch merging or norms).
+
+    Returns:
+        ``{"<module path>.weight": bool tensor}`` (``True`` = keep), e.g. for a block-sparse or masked stage.
+    """
+    if not 0.0 <= sparsity < 1.0:
+        raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
+    import fnmatch
+
+    layers = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
+    masks: dict[str, torch.Tensor] = {}
+    for family, patterns in modules.items():
+        members = [(name, m) for name, m in model.named_modules()
+                   if isinstance(m, layers) and any(fnmatch.fnmatchcase(name, p) for p in patterns)]
+        if not members:
+            continue
+        scores = [lamp_scores(m.weight) for _, m in members]
+        flat = torch.cat([s.reshape(-1) for s in scores])
+        k = int(sparsity * flat.numel())  # weights removed in this family
+        threshold = torch.kthvalue(flat, k).values if k > 0 else flat.new_tensor(-1.0)
+        removed = 0
+        for (name, _), s in zip(members, scores):
+            keep = s > threshold
+            masks[f"{name}.weight"] = keep
+            removed += int((~keep).sum())
+        log.debug("dimap family %s: %d of %d weights masked", family, removed, flat.numel())
+    return masks

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from torch import nn
 
@@ -45,3 +46,22 @@ def test_dimap_is_scale_invariant_per_layer() -> None:
     a2 = analyze_model(m, torch.zeros(1, 3))
     np.testing.assert_allclose(get_criterion("dimap").score(a2, ScoreContext()), before, rtol=1e-6)
     assert not np.allclose(get_criterion("l2").score(a2, ScoreContext()), get_criterion("l2").score(a, ScoreContext()))
+
+
+def test_weight_level_masks_one_threshold_per_family() -> None:
+    from fxprune.criteria.dimap import weight_masks
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Linear(16, 8), torch.nn.Linear(8, 4))
+    with torch.no_grad():
+        net[1].weight.mul_(100.0)  # a layer of large weights still loses weights: scores are per-layer normalized
+    masks = weight_masks(net, {"mlp": ["0", "1"]}, 0.5)
+    assert set(masks) == {"0.weight", "1.weight"}  # layer 2 is in no family: never masked
+    kept = sum(int(m.sum()) for m in masks.values())
+    assert kept == (8 * 16 + 16 * 8) // 2
+    assert 0 < int(masks["1.weight"].sum()) < masks["1.weight"].numel()
+    # inside a layer, the kept weights are the largest ones
+    w, m = net[0].weight.detach().abs(), masks["0.weight"]
+    assert w[m].min() >= w[~m].max()
+    with pytest.raises(ValueError, match="sparsity"):
+        weight_masks(net, {"mlp": ["0"]}, 1.0)
