@@ -55,20 +55,14 @@ def _static_length(node: fx.Node) -> int | None:
     return None
 
 
-class PruneProxy(fx.Proxy):
-    """A proxy that can be iterated when the item count is static, e.g. ``list(x.chunk(2, 1))`` (YOLOv8's C2f)."""
+class SizedProxy(fx.Proxy):
+    """The proxy of a split-like node with a static item count: ``list(x.chunk(2, 1))`` (YOLOv8's C2f) traces."""
 
     def __len__(self) -> int:
-        n = _static_length(self.node)
-        if n is None:
-            return super().__len__()
-        return n
+        return _static_length(self.node)
 
     def __iter__(self):  # type: ignore[override]
-        n = _static_length(self.node)
-        if n is None:
-            return super().__iter__()
-        return iter([self[i] for i in range(n)])
+        return iter([self[i] for i in range(len(self))])
 
 
 class PruneTracer(fx.Tracer):
@@ -84,7 +78,8 @@ class PruneTracer(fx.Tracer):
         self.failed_in: str | None = None  # innermost module being traced when tracing failed
 
     def proxy(self, node: fx.Node) -> fx.Proxy:
-        return PruneProxy(node, self)
+        # Other proxies keep torch.fx's own iteration, which reads the caller's bytecode (tuple unpacking).
+        return SizedProxy(node, self) if _static_length(node) is not None else super().proxy(node)
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         from .ops.registry import has_module_rule  # local: ops import trace

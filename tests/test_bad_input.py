@@ -153,3 +153,18 @@ def test_recipe_file_missing_or_unparsable(tmp_path) -> None:
     bad.write_text('{"stages": [')
     with pytest.raises(RecipeError, match="not valid YAML/JSON"):
         fxprune.compile(Net(), bad, example_inputs=X)
+
+
+@pytest.mark.parametrize("recipe, inputs, error", [
+    ({"stages": [{"round_to": -2}]}, X, RecipeError),
+    (channel_recipe(0.999, "flops"), X, BudgetError),
+    (channel_recipe(0.5, criterion="magic"), X, RecipeError),
+    (channel_recipe(0.5), torch.randn(2, 5, 8, 8), ExampleInputsError),
+    (channel_recipe(0.5, criterion="taylor"), X, FxPruneError),  # a data-driven criterion without data
+])
+def test_no_failure_modifies_the_input_model(recipe: dict, inputs: torch.Tensor, error: type) -> None:
+    model = Net().train()
+    before = _state(model)
+    with pytest.raises(error):
+        fxprune.compile(model, recipe, example_inputs=inputs)
+    assert _unchanged(model, before) and model.training
