@@ -6,25 +6,13 @@ import torch
 from torch import nn
 
 import fxprune
-from fxprune.testing import channel_recipe, prune_and_check
+from fxprune.testing import ResCatNet, channel_recipe, prune_and_check
 from fxprune.work import count_model
 
 
-class ResCat(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU())
-        self.body = nn.Sequential(nn.Conv2d(32, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(),
-                                  nn.Conv2d(64, 32, 3, padding=1), nn.BatchNorm2d(32))
-        self.side = nn.Conv2d(32, 16, 1)
-        self.fuse = nn.Conv2d(48, 32, 1)
-        self.fc = nn.Linear(32, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        s = self.stem(x)
-        r = torch.relu(s + self.body(s))
-        y = self.fuse(torch.cat([r, self.side(r)], 1))
-        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(y, 1), 1))
+def rescat() -> nn.Module:
+    """The shared residual + concat toy at the sizes this file expects."""
+    return ResCatNet(width=32, fuse=32, classes=10)
 
 
 X = torch.randn(2, 3, 12, 12)
@@ -39,7 +27,7 @@ def _macs(m: nn.Module) -> int:
 @pytest.mark.parametrize("scope", ["local", "global"])
 @pytest.mark.parametrize("kind", ["flops", "params"])
 def test_budgets_are_met_within_two_percent(scope: str, kind: str) -> None:
-    model = ResCat().eval()
+    model = rescat().eval()
     pruned = prune_and_check(model, channel_recipe(0.4, kind, scope=scope, criterion="l1"), X)
     if kind == "flops":
         assert abs(1 - _macs(pruned) / _macs(model) - 0.4) < 0.02
@@ -49,7 +37,7 @@ def test_budgets_are_met_within_two_percent(scope: str, kind: str) -> None:
 
 
 def test_round_to_and_ignore() -> None:
-    model = ResCat().eval()
+    model = rescat().eval()
     pruned = prune_and_check(model, channel_recipe(0.6, round_to=8, ignore=["side"]), X)
     assert pruned.get_submodule("body.0").out_channels % 8 == 0 and pruned.get_submodule("body.0").out_channels < 64
     assert pruned.side.out_channels == 16 and pruned.side.in_channels == 32  # ignored: untouched
@@ -57,7 +45,7 @@ def test_round_to_and_ignore() -> None:
 
 
 def test_sparsity_zero_is_identity_and_bn_scale_criterion() -> None:
-    model = ResCat().eval()
+    model = rescat().eval()
     same = prune_and_check(model, channel_recipe(0.0), X)
     assert same.fxprune_plan.empty
     pruned = prune_and_check(model, channel_recipe(0.5, criterion="bn_scale"), X)
@@ -65,7 +53,7 @@ def test_sparsity_zero_is_identity_and_bn_scale_criterion() -> None:
 
 
 def test_report_lists_widths_ratios_and_frozen_groups() -> None:
-    model = ResCat().eval()
+    model = rescat().eval()
     pruned = fxprune.compile(model, channel_recipe(0.5, "flops"), example_inputs=X)
     rep = fxprune.report(model, pruned, X)
     assert rep.macs[0] == _macs(model) and 0.45 < rep.macs_ratio < 0.52

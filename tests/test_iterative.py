@@ -9,25 +9,13 @@ from torch import nn
 
 import fxprune
 from fxprune.errors import FxPruneError, RecipeError
-from fxprune.testing import assert_masked_equals_shrunk
+from fxprune.testing import ResCatNet, assert_masked_equals_shrunk
 from fxprune.work import count_model
 
 
-class ResCat(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU())
-        self.body = nn.Sequential(nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
-                                  nn.Conv2d(32, 16, 3, padding=1), nn.BatchNorm2d(16))
-        self.side = nn.Conv2d(16, 8, 1)
-        self.fuse = nn.Conv2d(24, 32, 1)
-        self.fc = nn.Linear(32, 5)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        s = self.stem(x)
-        r = torch.relu(s + self.body(s))
-        y = self.fuse(torch.cat([r, self.side(r)], 1))
-        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(y, 1), 1))
+def rescat() -> nn.Module:
+    """The shared residual + concat toy at the sizes this file expects."""
+    return ResCatNet(width=16, fuse=32, classes=5)
 
 
 X = torch.randn(2, 3, 8, 8)
@@ -75,7 +63,7 @@ def _pruned_groups(m: nn.Module) -> set[str]:
 
 
 def test_iterative_meets_target_in_steps_and_finetunes_the_pruned_model() -> None:
-    model = ResCat().eval()
+    model = rescat().eval()
     cb = Callbacks(model)
     recipe = _recipe(target={"flops": 0.5}, rates=[0.4], layers_per_step=1, steps=20)
     pruned = fxprune.compile(model, recipe, example_inputs=X, evaluate=cb.evaluate, finetune=cb.finetune)
@@ -85,7 +73,7 @@ def test_iterative_meets_target_in_steps_and_finetunes_the_pruned_model() -> Non
     assert cb.evaluated >= 3  # every group was evaluated in step 1
     assert torch.allclose(pruned.fc.bias, model.fc.bias + len(cb.steps))  # fine-tuning acted on the pruned model
     assert pruned.fxprune_plan.stats["target_met"] == 1
-    finetuned = ResCat().eval()
+    finetuned = rescat().eval()
     finetuned.load_state_dict(model.state_dict())
     with torch.no_grad():
         finetuned.fc.bias.add_(len(cb.steps))  # the oracle compares against the same fine-tuned head
@@ -93,7 +81,7 @@ def test_iterative_meets_target_in_steps_and_finetunes_the_pruned_model() -> Non
 
 
 def test_sensitivity_steers_the_selection() -> None:
-    model = ResCat().eval()
+    model = rescat().eval()
     recipe = _recipe(target={"flops": 0.1}, layers_per_step=1, steps=1)
     free = Callbacks(model)
     free.evaluate = lambda m: 1.0  # every candidate looks harmless: the biggest saving wins
@@ -107,7 +95,7 @@ def test_sensitivity_steers_the_selection() -> None:
 
 
 def test_iterative_with_params_target_and_stops_when_steps_run_out(caplog: pytest.LogCaptureFixture) -> None:
-    model = ResCat().eval()
+    model = rescat().eval()
     cb = Callbacks(model)
     recipe = _recipe(target={"params": 0.8}, layers_per_step=1, steps=1, rates=[0.25])
     with caplog.at_level(logging.WARNING, logger="fxprune.iterative"):
@@ -119,7 +107,7 @@ def test_iterative_with_params_target_and_stops_when_steps_run_out(caplog: pytes
 
 def test_iterative_needs_evaluate() -> None:
     with pytest.raises(FxPruneError, match="needs evaluate"):
-        fxprune.compile(ResCat().eval(), _recipe(), example_inputs=X)
+        fxprune.compile(rescat().eval(), _recipe(), example_inputs=X)
 
 
 @pytest.mark.parametrize("fields,path", [

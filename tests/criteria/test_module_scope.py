@@ -7,7 +7,7 @@ from torch import nn
 
 import fxprune
 from fxprune.errors import RecipeError
-from fxprune.testing import channel_recipe, prune_and_check
+from fxprune.testing import ResCatNet, channel_recipe, prune_and_check
 from fxprune.work import count_model
 
 
@@ -55,27 +55,15 @@ def test_family_of_a_group_is_its_producer_first() -> None:
     assert (both.l1.out_features, both.l2.out_features, both.l3.out_features) == (8, 1, 7)  # reader fallback
 
 
-class ResCat(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU())
-        self.body = nn.Sequential(nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
-                                  nn.Conv2d(32, 16, 3, padding=1), nn.BatchNorm2d(16))
-        self.side = nn.Conv2d(16, 8, 1)
-        self.fuse = nn.Conv2d(24, 32, 1)
-        self.fc = nn.Linear(32, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        s = self.stem(x)
-        r = torch.relu(s + self.body(s))
-        y = self.fuse(torch.cat([r, self.side(r)], 1))
-        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(y, 1), 1))
+def rescat() -> nn.Module:
+    """The shared residual + concat toy at the sizes this file expects."""
+    return ResCatNet(width=16, fuse=32, classes=10)
 
 
 @pytest.mark.parametrize("kind,target", [("flops", 0.4), ("params", 0.3)])
 def test_module_scope_meets_budgets_within_one_percent(kind: str, target: float) -> None:
     x = torch.randn(2, 3, 10, 10)
-    model = ResCat().eval()
+    model = rescat().eval()
     recipe = channel_recipe(target, kind, criterion="dimap", scope="module",
                             modules={"trunk": ["stem.*", "body.*"], "branch": ["side", "fuse"]})
     pruned = prune_and_check(model, recipe, x)

@@ -9,27 +9,15 @@ from torch import nn
 
 import fxprune
 from fxprune.errors import FxPruneError
-from fxprune.testing import assert_masked_equals_shrunk, channel_recipe, prune_and_check
+from fxprune.testing import ResCatNet, assert_masked_equals_shrunk, channel_recipe, prune_and_check
 from fxprune.work import count_model
 
 SEED_CRITERIA = ["taylor", "hessian", "lamp", "catro", "dimap"]
 
 
-class ResCat(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU())
-        self.body = nn.Sequential(nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
-                                  nn.Conv2d(32, 16, 3, padding=1), nn.BatchNorm2d(16))
-        self.side = nn.Conv2d(16, 8, 1)
-        self.fuse = nn.Conv2d(24, 32, 1)
-        self.fc = nn.Linear(32, 5)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        s = self.stem(x)
-        r = torch.relu(s + self.body(s))
-        y = self.fuse(torch.cat([r, self.side(r)], 1))
-        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(y, 1), 1))
+def rescat() -> nn.Module:
+    """The shared residual + concat toy at the sizes this file expects."""
+    return ResCatNet(width=16, fuse=32, classes=5)
 
 
 class MiniViT(nn.Module):
@@ -62,7 +50,7 @@ def _macs(m: nn.Module, x: torch.Tensor) -> int:
 
 
 @pytest.mark.parametrize("criterion", SEED_CRITERIA)
-@pytest.mark.parametrize("model_cls", [ResCat, MiniViT])
+@pytest.mark.parametrize("model_cls", [rescat, MiniViT])
 def test_masked_equals_shrunk_and_flops_budget(criterion: str, model_cls: type) -> None:
     model = model_cls().eval()
     x = torch.randn(2, 3, 8, 8)
@@ -74,7 +62,7 @@ def test_masked_equals_shrunk_and_flops_budget(criterion: str, model_cls: type) 
 
 @pytest.mark.parametrize("criterion", ["lamp", "dimap"])
 def test_data_free_criteria_need_no_data(criterion: str) -> None:
-    pruned = prune_and_check(ResCat().eval(), channel_recipe(0.5, criterion=criterion, steps=2), torch.randn(2, 3, 8, 8))
+    pruned = prune_and_check(rescat().eval(), channel_recipe(0.5, criterion=criterion, steps=2), torch.randn(2, 3, 8, 8))
     assert pruned.get_submodule("body.0").out_channels == 16
 
 
@@ -89,7 +77,7 @@ def test_dimap_module_scope_on_vit_prunes_only_the_mlp_family() -> None:
 
 
 def test_multi_step_taylor_rescoring_uses_data_each_step() -> None:
-    model = ResCat().eval()
+    model = rescat().eval()
     x = torch.randn(2, 3, 8, 8)
     pruned = fxprune.compile(model, channel_recipe(0.5, criterion="taylor", steps=3), example_inputs=x, data=_data(1))
     assert_masked_equals_shrunk(model, pruned.fxprune_plan, (x,), pruned)
@@ -98,4 +86,4 @@ def test_multi_step_taylor_rescoring_uses_data_each_step() -> None:
 
 def test_compile_without_data_raises_naming_the_criterion() -> None:
     with pytest.raises(FxPruneError, match="criterion 'hessian' needs data"):
-        fxprune.compile(ResCat().eval(), channel_recipe(0.5, criterion="hessian"), example_inputs=torch.randn(1, 3, 8, 8))
+        fxprune.compile(rescat().eval(), channel_recipe(0.5, criterion="hessian"), example_inputs=torch.randn(1, 3, 8, 8))
