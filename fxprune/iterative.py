@@ -35,7 +35,7 @@ from .graph.dependency import analyze
 from .passes.shrink_channels import ShrinkChannels
 from .plan import Plan
 from .planner import Planner
-from .recipe import ChannelStage, _fraction, register_stage
+from .recipe import ChannelStage, _fraction, register_stage, validate_common
 
 log = logging.getLogger(__name__)
 
@@ -87,16 +87,7 @@ class IterativeStage:
             v = getattr(self, name)
             if not _number(v) or v < 0:
                 raise RecipeError(f"{path}.{name}", f"must be a number >= 0, got {v!r}")
-        for name in ("layers_per_step", "steps", "round_to"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise RecipeError(f"{path}.{name}", f"must be an integer >= 1, got {v!r}")
-        if not isinstance(self.ignore, list) or not all(isinstance(p, str) for p in self.ignore):
-            raise RecipeError(f"{path}.ignore", f"must be a list of module-path patterns, got {self.ignore!r}")
-        if not _number(self.max_sparsity) or not 0 < self.max_sparsity < 1:
-            raise RecipeError(f"{path}.max_sparsity", f"must be in (0, 1), got {self.max_sparsity!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise RecipeError(f"{path}.seed", f"must be an integer, got {self.seed!r}")
+        validate_common(self, path, ("layers_per_step", "steps", "round_to"))
 
     @property
     def target_kind(self) -> str:

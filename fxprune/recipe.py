@@ -50,6 +50,21 @@ def _fraction(value: Any, path: str) -> float:
     return float(value)
 
 
+def validate_common(stage: Any, path: str, counts: tuple[str, ...]) -> None:
+    """Checks shared by pruning stages: ``ignore``, integer ``counts`` >= 1, ``max_sparsity`` and ``seed``."""
+    if not isinstance(stage.ignore, list) or not all(isinstance(p, str) for p in stage.ignore):
+        raise RecipeError(f"{path}.ignore", f"must be a list of module-path patterns, got {stage.ignore!r}")
+    for name in counts:
+        v = getattr(stage, name)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise RecipeError(f"{path}.{name}", f"must be an integer >= 1, got {v!r}")
+    m = stage.max_sparsity
+    if isinstance(m, bool) or not isinstance(m, (int, float)) or not 0 < m < 1:
+        raise RecipeError(f"{path}.max_sparsity", f"must be in (0, 1), got {m!r}")
+    if isinstance(stage.seed, bool) or not isinstance(stage.seed, int):
+        raise RecipeError(f"{path}.seed", f"must be an integer, got {stage.seed!r}")
+
+
 @register_stage("channels")
 @dataclass
 class ChannelStage:
@@ -102,16 +117,7 @@ class ChannelStage:
                                                  f"got {self.modules!r}")
         if self.scope == "module" and not self.modules:
             raise RecipeError(f"{path}.modules", "scope 'module' needs at least one module family")
-        if not isinstance(self.ignore, list) or not all(isinstance(p, str) for p in self.ignore):
-            raise RecipeError(f"{path}.ignore", f"must be a list of module-path patterns, got {self.ignore!r}")
-        for name in ("round_to", "steps"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise RecipeError(f"{path}.{name}", f"must be an integer >= 1, got {v!r}")
-        if isinstance(self.max_sparsity, bool) or not isinstance(self.max_sparsity, (int, float)) or not 0 < self.max_sparsity < 1:
-            raise RecipeError(f"{path}.max_sparsity", f"must be in (0, 1), got {self.max_sparsity!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise RecipeError(f"{path}.seed", f"must be an integer, got {self.seed!r}")
+        validate_common(self, path, ("round_to", "steps"))
 
     @property
     def target_kind(self) -> str:

@@ -14,6 +14,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from .outputs import tensors_of
 from .plan import Plan
 
 if TYPE_CHECKING:
@@ -82,14 +83,6 @@ def _run_eval(module: nn.Module, inputs: tuple) -> Any:
         return module(*inputs)
 
 
-def _flatten(out: Any) -> list[torch.Tensor]:
-    if isinstance(out, torch.Tensor):
-        return [out]
-    if isinstance(out, dict):
-        return [t for v in out.values() for t in _flatten(v)]
-    if isinstance(out, (tuple, list)):
-        return [t for v in out for t in _flatten(v)]
-    return []
 
 
 def assert_masked_equals_shrunk(
@@ -120,7 +113,7 @@ def assert_masked_equals_shrunk(
         record_shapes(shrunk, inputs)
         ShrinkChannels(plan, inputs)(shrunk)
     masked = masked_model(model, plan, inputs, leaf_modules)
-    want, got = _flatten(_run_eval(masked, inputs)), _flatten(_run_eval(shrunk, inputs))
+    want, got = tensors_of(_run_eval(masked, inputs)), tensors_of(_run_eval(shrunk, inputs))
     assert len(want) == len(got), f"masked model returns {len(want)} tensors, shrunk model {len(got)}"
     for i, (w, g) in enumerate(zip(want, got)):
         assert w.shape == g.shape, f"output {i}: masked shape {tuple(w.shape)} != shrunk shape {tuple(g.shape)}"

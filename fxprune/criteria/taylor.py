@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import FxPruneError
+from ..outputs import tensors_of
 from ..graph.dependency import Analysis
 from .base import ScoreContext, register_criterion, slot_values, unit_sum
 
@@ -77,7 +78,7 @@ def iter_batches(ctx: ScoreContext, criterion: str, *, labels: bool = False) -> 
 
 def batch_loss(output: Any, labels: torch.Tensor | None) -> torch.Tensor:
     """Cross-entropy of the first output tensor against ``labels``, or the output energy if unlabeled."""
-    outs = _flatten(output)
+    outs = tensors_of(output)
     if not outs:
         raise FxPruneError("the model returned no tensor: a gradient criterion needs a differentiable output")
     if labels is not None:
@@ -86,14 +87,6 @@ def batch_loss(output: Any, labels: torch.Tensor | None) -> torch.Tensor:
     return sum(o.float().pow(2).mean() for o in outs if o.is_floating_point())
 
 
-def _flatten(out: Any) -> list[torch.Tensor]:
-    if isinstance(out, torch.Tensor):
-        return [out]
-    if isinstance(out, dict):
-        return [t for v in out.values() for t in _flatten(v)]
-    if isinstance(out, (tuple, list)):
-        return [t for v in out for t in _flatten(v)]
-    return []
 
 
 def grad_statistic(a: Analysis, ctx: ScoreContext, criterion: str,

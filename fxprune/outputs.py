@@ -1,0 +1,17 @@
+"""Flattening model outputs (tensors nested in tuples, lists, dicts and named tuples) into a list of tensors."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+def tensors_of(out: Any) -> list[torch.Tensor]:
+    """Every tensor in ``out``, depth first, in order."""
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, dict):
+        return [t for v in out.values() for t in tensors_of(v)]
+    if isinstance(out, (tuple, list)):
+        return [t for v in out for t in tensors_of(v)]
+    return []
