@@ -1,0 +1,55 @@
+"""CPU latency of pruned vs dense models at 50% FLOPs (pytest-benchmark).
+
+Run: ``pytest bench/bench_latency.py --benchmark-only -q`` (``-s`` prints the table). Each case times the dense and
+the pruned model alternately in one process and records, in ``extra_info``, the MACs ratio, the latency ratio and
+``efficiency = (dense latency / pruned latency) / (dense MACs / pruned MACs)`` (target >= 0.85).
+"""
+from __future__ import annotations
+
+import statistics
+import time
+
+import pytest
+import torch
+import torchvision
+
+import fxprune
+from fxprune.work import count_model
+
+CASES = [("resnet50", 224), ("vit_b_16", 224)]
+
+
+def _macs(model: torch.nn.Module, x: torch.Tensor) -> int:
+    gm = fxprune.trace(model)
+    fxprune.record_shapes(gm, (x,))
+    return count_model(gm)["macs"]
+
+
+def _median_ms(model: torch.nn.Module, x: torch.Tensor, runs: int) -> float:
+    times = []
+    with torch.inference_mode():
+        model(x)
+        for _ in range(runs):
+            t = time.perf_counter()
+            model(x)
+            times.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(times)
+
+
+@pytest.mark.parametrize("batch", [1, 8])
+@pytest.mark.parametrize("name, size", CASES)
+def test_latency_at_half_flops(benchmark, name: str, size: int, batch: int) -> None:
+    torch.manual_seed(0)
+    model = torchvision.models.get_model(name, weights=None).eval()
+    x = torch.randn(batch, 3, size, size)
+    pruned = fxprune.compile(model, {"stages": [{"target": {"flops": 0.5}, "round_to": 8}]}, example_inputs=x[:1])
+    runs = 5 if batch == 1 else 3
+    dense = _median_ms(model, x, runs)
+    fast = benchmark.pedantic(_median_ms, args=(pruned, x, runs), rounds=1, iterations=1)
+    mac_ratio = _macs(model, x[:1]) / _macs(pruned, x[:1])
+    speedup = dense / fast
+    benchmark.extra_info.update({"dense_ms": dense, "pruned_ms": fast, "speedup": speedup, "macs_ratio": mac_ratio,
+                                 "efficiency": speedup / mac_ratio})
+    print(f"\n{name} b={batch}: MACs {mac_ratio:.2f}x fewer, latency {speedup:.2f}x faster, "
+          f"efficiency {speedup / mac_ratio:.2f}")
+    assert pruned(x).shape == model(x).shape
