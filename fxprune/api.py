@@ -75,7 +75,8 @@ def run_channel_stage(gm: fx.GraphModule, stage: ChannelStage, ctx: ScoreContext
     base = None
     for step in range(1, stage.steps + 1):
         a = analyze(gm, stage.ignore)
-        planner = Planner(a, criterion.score(a, ctx), stage, _removed_before(a, plan))
+        planner = Planner(a, criterion.score(a, ctx), stage, _removed_before(a, plan),
+                          normalize=not getattr(criterion, "comparable_across_groups", False))
         if base is None:
             base = {"macs": planner.counter.base_macs, "params": planner.counter.total_params}
         goal = stage.target_value * step / stage.steps

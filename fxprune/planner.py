@@ -40,9 +40,13 @@ class _GroupOrder:
 class Planner:
     """Builds plans for one analysis and one set of scores."""
 
-    def __init__(self, analysis: Analysis, scores: np.ndarray, stage: ChannelStage, done: dict[int, int] | None = None) -> None:
-        """``done[group]``: units earlier steps removed from a group; ``local`` fractions then count them."""
+    def __init__(self, analysis: Analysis, scores: np.ndarray, stage: ChannelStage, done: dict[int, int] | None = None,
+                 normalize: bool = True) -> None:
+        """``done[group]``: units earlier steps removed from a group; ``local`` fractions then count them.
+        ``normalize=False``: the scores are already comparable across groups (``global`` uses them as they are).
+        """
         self.a = analysis
+        self.normalize = normalize
         self.stage = stage
         self.counts = analysis.unit_space_counts()
         self.counter = Counter(analysis)
@@ -101,7 +105,8 @@ class Planner:
                 order.append(u)
         order = np.asarray(order, np.int64)
         mean = float(np.mean(np.abs(scores[units]))) if len(units) else 1.0
-        norm = scores[order] / (mean if mean > 0 and np.isfinite(mean) and self.stage.scope != "module" else 1.0)
+        norm = scores[order] / (mean if mean > 0 and np.isfinite(mean) and self.normalize and self.stage.scope != "module"
+                                else 1.0)
         r = self.stage.round_to
         step = r // math.gcd(r, max(width, 1))
         return _GroupOrder(g, order, norm, int(in_group.sum()), len(units), step)
@@ -184,7 +189,35 @@ class Planner:
                 b = m
             else:
                 a = m + 1
-        return np.concatenate([below, extra[:a]])
+        chosen = np.concatenate([below, extra[:a]])
+        if a > 0 and self.reduction(chosen, metric) > target + 0.01:
+            closer = self._closer(np.concatenate([below, extra[:a - 1]]), target, metric)
+            chosen = closer if closer is not None else chosen
+        return chosen
+
+    def _closer(self, chosen: np.ndarray, target: float, metric: str) -> np.ndarray | None:
+        """When the unit that crosses the target overshoots by more than 1%, fill with smaller units instead.
+
+        Candidates are taken lowest score first; a unit is added only if it is next in its group's order (so every
+        group still loses a prefix) and the reduction stays within 1% of the target.
+        """
+        taken = {o.group: int(np.isin(o.order, chosen).sum()) for o in self.orders}
+        order_of = {o.group: o.order for o in self.orders}
+        pool = np.setdiff1d(np.concatenate([o.order for o in self.orders]), chosen)
+        picked = list(chosen)
+        for u in pool[np.argsort(self.unit_score[pool], kind="stable")][:128]:
+            g = int(self.a.unit_group[u])
+            k = taken[g]
+            if k >= len(order_of[g]) or order_of[g][k] != u:
+                continue
+            reached = self.reduction(np.asarray(picked + [u]), metric)
+            if reached > target + 0.01:
+                continue
+            picked.append(u)
+            taken[g] = k + 1
+            if reached >= target:
+                return np.asarray(picked, np.int64)
+        return None
 
     def plan(self, removed: np.ndarray) -> Plan:
         a = self.a

@@ -13,12 +13,15 @@ Our reading (not fixed by the paper):
   are the block sums ``sb[u] = sum of diag(S_b)``, ``sw[u] = sum of diag(S_w)`` over them. A unit with no read
   slot falls back to all of its tensor slots.
 - Only the traces of sub-matrices enter ``J``, so only the diagonals of the scatter matrices are computed.
-- The planner needs one score per unit and chooses the kept count later, so each group gets a *nested* order:
-  from all units, for ``k = n - 1, ..., 1`` the trace-ratio iteration picks the best ``k``-subset of the
-  previous set (it drops one unit); the score is the rank at which a unit is dropped, divided by ``n``
-  (first dropped = ``1/n``). Ranks are comparable across groups only as fractions, so ``scope: "global"``
-  behaves like ``local`` here. The paper's second stage (greedy rate allocation under a FLOPs budget) is not
-  implemented; use the ``iterative`` stage for a measured allocation.
+- Stage 1 (per layer, every k): each group gets a *nested* order: from all units, for ``k = n - 1, ..., 1`` the
+  trace-ratio iteration picks the best ``k``-subset of the previous set (it drops one unit).
+- Stage 2 (layer rates under the budget): ``J`` itself is scale-free and not comparable across layers, so a unit's
+  score is the fraction of its group's between-class scatter ``tr(S_b)`` lost once it and every unit dropped
+  before it are gone (cumulative, so it grows along the nested order). These fractions are comparable across
+  groups: with ``scope: "global"`` the planner removes, in every group, the prefix of its order that loses at
+  most a common fraction ``t`` of discriminative scatter, and bisects ``t`` to meet the FLOPs / params budget, so
+  groups get different rates. With ``scope: "local"`` every group loses the same fraction of units, in the nested
+  order.
 - Caveat, measured in ``bench/bench_criteria_digits.py``: ``J`` is scale-free per channel, so a weak channel
   with a good ratio outranks a strong channel the next layer relies on; on the digits models this order did
   worse than ``l2`` without fine-tuning.
@@ -174,7 +177,9 @@ def unit_scatter(a: Analysis, ctx: ScoreContext) -> tuple[np.ndarray, np.ndarray
 
 @register_criterion("catro")
 class CATROCriterion:
-    """Per group, the rank (as a fraction) at which the nested trace-ratio selection drops each unit."""
+    """Per group, the share of between-class scatter lost along the nested trace-ratio order (stage 1 + 2)."""
+
+    comparable_across_groups = True  # fractions of each group's tr(S_b): ``global`` allocates layer rates with them
 
     def score(self, analysis: Analysis, ctx: ScoreContext) -> np.ndarray:
         sb, sw = unit_scatter(analysis, ctx)
@@ -182,5 +187,7 @@ class CATROCriterion:
         for g in analysis.prunable_groups():
             units = np.flatnonzero((analysis.unit_group == g) & ~analysis.unit_frozen)
             order = elimination_order(sb[units], sw[units])
-            scores[units[order]] = np.arange(1, len(units) + 1) / len(units)
+            lost = np.cumsum(sb[units][order]) / max(float(sb[units].sum()), 1e-300)
+            # strictly increasing along the order, so the planner keeps it (ties broken by rank)
+            scores[units[order]] = lost + np.arange(1, len(units) + 1) * 1e-12
         return scores

@@ -8,6 +8,8 @@ import pytest
 import torch
 from torch import nn
 
+import fxprune
+
 from fxprune.criteria import ScoreContext, get_criterion
 from fxprune.criteria.catro import class_scatter, elimination_order, trace_ratio
 from fxprune.errors import FxPruneError
@@ -70,10 +72,43 @@ def test_elimination_order_by_hand() -> None:
 def test_catro_criterion_on_toy_features() -> None:
     a = analyze_model(Hidden3(), torch.zeros(1, 2))
     got = get_criterion("catro").score(a, ScoreContext(data=[(X[:2], Y[:2]), (X[2:], Y[2:])]))
-    np.testing.assert_allclose(got[units_of(a, "@fc1:0:0")], [1.0, 1 / 3, 2 / 3])
+    # nested order [1, 2, 0] (see above) with S_b = [4, 0, 4]: cumulative share of S_b lost 0, 1/2, 1
+    np.testing.assert_allclose(got[units_of(a, "@fc1:0:0")], [1.0, 0.0, 0.5], atol=1e-9)
 
 
 def test_catro_needs_labels() -> None:
     a = analyze_model(Hidden3(), torch.zeros(1, 2))
     with pytest.raises(FxPruneError, match="catro.*labeled"):
         get_criterion("catro").score(a, ScoreContext(data=[X]))
+
+
+class TwoBranches(nn.Module):
+    """Branch a: 2 informative hidden channels and 4 dead ones; branch b: 6 equally informative channels."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(2, 6), nn.Linear(2, 6)
+        self.ha, self.hb = nn.Linear(6, 2), nn.Linear(6, 2)
+        with torch.no_grad():
+            for m in (self.a, self.b):
+                m.weight.zero_()
+                m.bias.zero_()
+            self.a.weight[:2, 0] = 1.0
+            self.b.weight[:, 0] = 1.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ha(torch.relu(self.a(x))) + self.hb(torch.relu(self.b(x)))
+
+
+def test_catro_global_scope_allocates_layer_rates() -> None:
+    torch.manual_seed(0)
+    labels = torch.arange(40) % 2
+    x = torch.stack([labels.float() * 3 + 0.1 * torch.randn(40), torch.randn(40)], 1)
+    model = TwoBranches().eval()
+    recipe = {"stages": [{"target": {"sparsity": 1 / 3}, "criterion": "catro", "scope": "global"}]}
+    pruned = fxprune.compile(model, recipe, example_inputs=x[:2], data=[(x, labels)])
+    # stage 2: the branch whose discriminative scatter sits in few channels gives up its dead ones first
+    assert (pruned.a.out_features, pruned.b.out_features) == (2, 6)
+    local = fxprune.compile(model, {"stages": [{**recipe["stages"][0], "scope": "local"}]}, example_inputs=x[:2],
+                            data=[(x, labels)])
+    assert (local.a.out_features, local.b.out_features) == (4, 4)

@@ -56,8 +56,8 @@ def test_masked_equals_shrunk_and_flops_budget(criterion: str, model_cls: type) 
     x = torch.randn(2, 3, 8, 8)
     pruned = fxprune.compile(model, channel_recipe(0.3, "flops", criterion=criterion), example_inputs=x, data=_data())
     assert_masked_equals_shrunk(model, pruned.fxprune_plan, (x,), pruned)
-    # met, and overshot by at most one unit: one residual channel of this toy costs up to ~4.6% of its MACs
-    assert 0.3 - 1e-9 <= 1 - _macs(pruned, x) / _macs(model, x) < 0.3 + 0.05
+    # met within 1%: when the unit crossing the target overshoots, the planner fills with smaller units instead
+    assert 0.3 - 1e-9 <= 1 - _macs(pruned, x) / _macs(model, x) <= 0.3 + 0.01
 
 
 @pytest.mark.parametrize("criterion", ["lamp", "dimap"])
