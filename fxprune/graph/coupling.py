@@ -49,7 +49,8 @@ class Coupling:
             return None
         spec = spec_of(arg)
         if item is not None and isinstance(spec, tuple):
-            spec = spec[item] if item < len(spec) else None
+            item = item + len(spec) if item < 0 else item  # tuple[-1] is the last item's space
+            spec = spec[item] if 0 <= item < len(spec) else None
         else:
             item = 0
         return Port(arg.name, item, spec.shape) if isinstance(spec, TensorSpec) else None

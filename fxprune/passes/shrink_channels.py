@@ -10,7 +10,7 @@ import numpy as np
 import torch.fx as fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-from ..errors import PlanError, RewriteError
+from ..errors import ExampleInputsError, PlanError, RewriteError
 from ..graph.dependency import Analysis, analyze
 from ..graph.space import Space
 from ..plan import Plan
@@ -93,7 +93,10 @@ class ShrinkChannels(PassBase):
             spec = spec_of(node)
             items = spec if isinstance(spec, tuple) else (spec,)
             expected[node.name] = [self.ctx.shape(node, i) if isinstance(s, TensorSpec) else None for i, s in enumerate(items)]
-        record_shapes(gm, self.example_inputs)
+        try:
+            record_shapes(gm, self.example_inputs)
+        except ExampleInputsError as exc:  # the inputs ran before the rewrite: this is a rewrite bug
+            raise RewriteError(f"the shrunk graph no longer runs (please report this with the model): {exc}") from exc
         for node in gm.graph.nodes:
             spec = spec_of(node)
             items = spec if isinstance(spec, tuple) else (spec,)

@@ -96,3 +96,26 @@ def test_constant_index_freezes_the_picked_channel_only() -> None:
     fro = frozen_of(a, "@conv:0:0")
     assert fro[2] and fro[5] and not fro[[0, 1, 3, 4, 6, 7]].any()
     prune_and_check(model, channel_recipe(0.5), x)
+
+
+class NegativeItem(nn.Module):
+    """Res2Net-style: split by a size, run the first pieces through convs, append ``spx[-1]`` untouched."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cv1, self.m, self.cv2 = nn.Conv2d(3, 12, 1), nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(12, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        spx = torch.split(self.cv1(x), 4, 1)
+        return self.cv2(torch.cat([self.m(spx[0]), spx[1], spx[-1]], 1))
+
+
+def test_negative_tuple_index_is_the_last_item() -> None:
+    model = NegativeItem().eval()
+    x = torch.randn(2, 3, 5, 5)
+    a = analyze_model(model, x)
+    np.testing.assert_array_equal(units_of(a, "@cv2:0:1")[8:], units_of(a, "@cv1:0:0")[8:])
+    with torch.no_grad():
+        model.cv1.weight[8:] *= 1e-3  # the last piece is weakest: pruned unevenly
+    pruned = prune_and_check(model, channel_recipe(0.5), x)
+    assert pruned.cv2.in_channels < 12
