@@ -110,7 +110,7 @@ def networks(draw: st.DrawFn) -> RandomNet:
             step, width = ("cat", tuple(parts)), sum(widths[i] for i in parts)
         elif kind == "split":
             first = draw(st.integers(1, c - 1))
-            piece = draw(st.integers(0, 1))
+            piece = draw(st.sampled_from([0, 1, -1]))  # -1: the last item (a Res2Net-style spx[-1])
             step, width = ("split", src, (first, c - first), piece), (first, c - first)[piece]
         elif kind == "chunk":
             step, width = ("chunk", src, draw(st.integers(0, 1))), c // 2
