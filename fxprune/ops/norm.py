@@ -131,6 +131,24 @@ class LayerNormFunctionRule(OpRule):
                     c.tie_dims(p, d, x, x.ndim - p.ndim + d)
 
 
+@register_op(F.batch_norm, F.instance_norm)
+class BatchNormFunctionRule(OpRule):
+    """``F.batch_norm(x, running_mean, running_var, weight, bias, ...)`` with tensor attributes (timm's
+    ``BatchNormAct2d``): per-channel statistics and affine tensors are tied to dim 1 and shrink with it."""
+
+    name = "batch_norm"
+
+    def couple(self, node: fx.Node, c: Coupling) -> None:
+        x, y = _identity(node, c)
+        if x is None or y is None or x.ndim < 2:
+            return
+        names = ("running_mean", "running_var", "weight", "bias")
+        for i, name in enumerate(names, start=1):
+            p = c.port(arg(node, i, name))
+            if p is not None and p.ndim == 1:
+                c.tie(p.space(0), x.space(1), size=p.shape[0])
+
+
 def register_torchvision() -> None:
     try:
         from torchvision.ops.misc import FrozenBatchNorm2d

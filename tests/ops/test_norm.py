@@ -77,3 +77,24 @@ def test_layernorm_channels_last_freezes_stream_and_prunes_mlp() -> None:
     pruned = prune_and_check(model, channel_recipe(0.5), x)
     assert pruned.fc1.out_features == 16 and pruned.ln.normalized_shape == (8,)
     assert any("LayerNorm" in r for g in pruned.fxprune_plan.frozen for r in g["reasons"])
+
+
+class FunctionalBN(nn.Module):
+    """A BatchNorm subclass calling ``F.batch_norm`` on its own tensors, then an activation (timm's BatchNormAct2d)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 4, 1)
+        self.bn = _randomize(nn.BatchNorm2d(8))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.nn.functional.batch_norm(self.conv1(x), self.bn.running_mean, self.bn.running_var,
+                                           self.bn.weight, self.bn.bias, False, 0.1, 1e-5)
+        return self.conv2(torch.relu(y))
+
+
+def test_functional_batch_norm_shrinks_its_tensors() -> None:
+    model = FunctionalBN().eval()
+    pruned = prune_and_check(model, channel_recipe(0.5), torch.randn(2, 3, 5, 5))
+    assert pruned.conv1.out_channels == 4
+    assert pruned.bn.running_mean.shape == pruned.bn.weight.shape == (4,)

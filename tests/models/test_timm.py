@@ -1,0 +1,26 @@
+"""timm models (random weights) compile at flops 0.3 with masked == shrunk. The transformer entries prune their MLP
+hidden dims only (attention channels stay frozen until attention rules land)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fxprune.testing import channel_recipe, prune_and_check
+
+timm = pytest.importorskip("timm")
+
+TOKEN_MODELS = ("deit_tiny_patch16_224", "vit_small_patch16_224", "mixer_b16_224", "resmlp_12_224")
+MODELS = ["resnet50", "efficientnet_b0", "mobilenetv3_large_100", "regnety_016", "cspdarknet53", "dla34",
+          "ghostnet_100", "repvgg_a2", "rexnet_100", "vovnet39a", "darknet53", "convnext_tiny", "hrnet_w18_small",
+          "res2net50_26w_4s", "poolformer_s12", *TOKEN_MODELS]
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.xdist_group(f"timm-{n}")) for n in MODELS])
+def test_timm_model(name: str) -> None:
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False).eval()
+    size = 224 if name in TOKEN_MODELS else 64
+    x = torch.randn(1, 3, size, size)
+    pruned = prune_and_check(model, channel_recipe(0.3, "flops"), x, atol=1e-3, rtol=1e-3)
+    with torch.no_grad():
+        assert pruned(x).shape == model(x).shape
