@@ -6,6 +6,7 @@ in ``node.meta["fxprune"]``, the shape of every tensor (or the plain value of a 
 from __future__ import annotations
 
 import fnmatch
+import sys
 import logging
 import traceback
 from dataclasses import dataclass
@@ -65,14 +66,28 @@ class SizedProxy(fx.Proxy):
         return iter([self[i] for i in range(len(self))])
 
 
+def _timm_notrace() -> tuple[set[type], set[Callable[..., Any]]]:
+    """timm's own no-trace registries (modules kept whole, functions wrapped), when the user has imported timm."""
+    if "timm" not in sys.modules:
+        return set(), set()
+    try:
+        from timm.layers import _fx as timm_fx
+    except ImportError:  # an old timm without the registries
+        return set(), set()
+    return set(timm_fx.get_notrace_modules()), set(timm_fx.get_notrace_functions())
+
+
 class PruneTracer(fx.Tracer):
     """A tracer whose leaves are the modules fxprune has rules for, torch.nn modules, and user leaves.
 
     It remembers which module it is inside so a failure can name it.
     """
 
-    def __init__(self, leaf_modules: Sequence[str] = (), autowrap_functions: Iterable[Callable] = ()) -> None:
-        super().__init__(autowrap_functions=tuple(set(autowrap_functions) | _AUTOWRAP_FUNCTIONS))
+    def __init__(self, leaf_modules: Sequence[str] = (), autowrap_functions: Iterable[Callable] = (),
+                 use_timm_registries: bool = False) -> None:
+        timm_modules, timm_functions = _timm_notrace() if use_timm_registries else (set(), set())
+        super().__init__(autowrap_functions=tuple(set(autowrap_functions) | _AUTOWRAP_FUNCTIONS | timm_functions))
+        self.notrace_types = timm_modules
         self.leaf_patterns = tuple(leaf_modules)
         self.module_path: list[str] = []
         self.failed_in: str | None = None  # innermost module being traced when tracing failed
@@ -86,7 +101,7 @@ class PruneTracer(fx.Tracer):
 
         if any(fnmatch.fnmatchcase(module_qualified_name, p) or type(m).__name__ == p for p in self.leaf_patterns):
             return True
-        if type(m) in _LEAF_TYPES or has_module_rule(m):
+        if type(m) in _LEAF_TYPES or type(m) in self.notrace_types or has_module_rule(m):
             return True
         return super().is_leaf_module(m, module_qualified_name)
 
@@ -128,7 +143,15 @@ def trace(model: nn.Module, leaf_modules: Sequence[str] = (), autowrap_functions
     tracer = PruneTracer(leaf_modules, autowrap_functions)
     try:
         graph = tracer.trace(model)
-    except Exception as exc:  # torch.fx raises many kinds of errors from user code
+    except Exception as first:  # torch.fx raises many kinds of errors from user code
+        graph, exc = None, first
+        if _timm_notrace() != (set(), set()):  # retry keeping timm's no-trace modules whole (they stay unpruned)
+            tracer = PruneTracer(leaf_modules, autowrap_functions, use_timm_registries=True)
+            try:
+                graph = tracer.trace(model)
+            except Exception as second:
+                exc = second
+    if graph is None:
         where = tracer.failed_in or ""
         owner = f"module '{where}' ({type(model.get_submodule(where)).__name__})" if where else f"'{type(model).__name__}.forward'"
         hint = f"mark it as a leaf with recipe leaf_modules=['{where}']" if where else "mark the offending submodule as a leaf with recipe leaf_modules=[...]"

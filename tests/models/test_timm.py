@@ -10,16 +10,18 @@ from fxprune.testing import channel_recipe, prune_and_check
 timm = pytest.importorskip("timm")
 
 TOKEN_MODELS = ("deit_tiny_patch16_224", "vit_small_patch16_224", "mixer_b16_224", "resmlp_12_224")
+# these only trace with timm's own no-trace registries (used automatically after a plain trace fails)
+REGISTRY_MODELS = ("maxvit_tiny_tf_224", "twins_svt_small")
 MODELS = ["resnet50", "efficientnet_b0", "mobilenetv3_large_100", "regnety_016", "cspdarknet53", "dla34",
           "ghostnet_100", "repvgg_a2", "rexnet_100", "vovnet39a", "darknet53", "convnext_tiny", "hrnet_w18_small",
-          "res2net50_26w_4s", "poolformer_s12", *TOKEN_MODELS]
+          "res2net50_26w_4s", "poolformer_s12", *TOKEN_MODELS, *REGISTRY_MODELS]
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.xdist_group(f"timm-{n}")) for n in MODELS])
 def test_timm_model(name: str) -> None:
     torch.manual_seed(0)
     model = timm.create_model(name, pretrained=False).eval()
-    size = 224 if name in TOKEN_MODELS else 64
+    size = 64 if name not in TOKEN_MODELS + REGISTRY_MODELS else 224
     x = torch.randn(1, 3, size, size)
     pruned = prune_and_check(model, channel_recipe(0.3, "flops"), x, atol=1e-3, rtol=1e-3)
     with torch.no_grad():
