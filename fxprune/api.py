@@ -34,7 +34,8 @@ def stage_runner(stage_cls: type) -> Callable:
     return deco
 
 
-def _as_tuple(example_inputs: Any) -> tuple:
+def as_input_tuple(example_inputs: Any) -> tuple:
+    """``example_inputs`` as a tuple: a tensor becomes a 1-tuple; anything else must be a tuple or list."""
     if isinstance(example_inputs, torch.Tensor):
         return (example_inputs,)
     if isinstance(example_inputs, (tuple, list)):
@@ -132,7 +133,7 @@ def compile(  # noqa: A001  (the name users expect)
     """
     recipe = Recipe.load(recipe)
     _check_model(model)
-    inputs = _as_tuple(example_inputs)
+    inputs = as_input_tuple(example_inputs)
     training = model.training
     work = copy.deepcopy(model).eval()
     gm = trace(work, recipe.leaf_modules)

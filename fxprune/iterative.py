@@ -35,7 +35,7 @@ from .graph.dependency import analyze
 from .passes.shrink_channels import ShrinkChannels
 from .plan import Plan
 from .planner import Planner
-from .recipe import ChannelStage, _fraction, register_stage, validate_common
+from .recipe import ChannelStage, register_stage, validate_common, validate_target
 
 log = logging.getLogger(__name__)
 
@@ -74,13 +74,7 @@ class IterativeStage:
     TARGETS: ClassVar[tuple[str, ...]] = ("flops", "params")
 
     def validate(self, path: str) -> None:
-        if not isinstance(self.target, dict) or len(self.target) != 1:
-            raise RecipeError(f"{path}.target", f"must hold exactly one of {', '.join(self.TARGETS)}, got {self.target!r}")
-        (key, value), = self.target.items()
-        if key not in self.TARGETS:
-            raise RecipeError(f"{path}.target.{key}", f"unknown target; use one of {', '.join(self.TARGETS)}")
-        self.target = {key: _fraction(value, f"{path}.target.{key}")}
-        get_criterion(self.criterion, f"{path}.criterion")
+        validate_target(self, path)
         if not isinstance(self.rates, list) or not self.rates or not all(_number(r) and 0 < r < 1 for r in self.rates):
             raise RecipeError(f"{path}.rates", f"must be a non-empty list of fractions in (0, 1), got {self.rates!r}")
         for name in ("alpha", "alpha_decay"):

@@ -50,6 +50,19 @@ def _fraction(value: Any, path: str) -> float:
     return float(value)
 
 
+def validate_target(stage: Any, path: str) -> None:
+    """Check ``stage.target`` (exactly one of ``stage.TARGETS``, a fraction in [0, 1)) and ``stage.criterion``."""
+    if not isinstance(stage.target, dict) or len(stage.target) != 1:
+        raise RecipeError(f"{path}.target", f"must hold exactly one of {', '.join(stage.TARGETS)}, got {stage.target!r}")
+    (key, value), = stage.target.items()
+    if key not in stage.TARGETS:
+        raise RecipeError(f"{path}.target.{key}", f"unknown target; use one of {', '.join(stage.TARGETS)}")
+    stage.target = {key: _fraction(value, f"{path}.target.{key}")}
+    from .criteria import get_criterion  # criteria import the recipe module
+
+    get_criterion(stage.criterion, f"{path}.criterion")
+
+
 def validate_common(stage: Any, path: str, counts: tuple[str, ...]) -> None:
     """Checks shared by pruning stages: ``ignore``, integer ``counts`` >= 1, ``max_sparsity`` and ``seed``."""
     if not isinstance(stage.ignore, list) or not all(isinstance(p, str) for p in stage.ignore):
@@ -99,15 +112,7 @@ class ChannelStage:
     TARGETS: ClassVar[tuple[str, ...]] = ("sparsity", "flops", "params")
 
     def validate(self, path: str) -> None:
-        if not isinstance(self.target, dict) or len(self.target) != 1:
-            raise RecipeError(f"{path}.target", f"must hold exactly one of {', '.join(self.TARGETS)}, got {self.target!r}")
-        (key, value), = self.target.items()
-        if key not in self.TARGETS:
-            raise RecipeError(f"{path}.target.{key}", f"unknown target; use one of {', '.join(self.TARGETS)}")
-        self.target = {key: _fraction(value, f"{path}.target.{key}")}
-        from .criteria import get_criterion
-
-        get_criterion(self.criterion, f"{path}.criterion")
+        validate_target(self, path)
         if self.scope not in ("local", "global", "module"):
             raise RecipeError(f"{path}.scope", f"must be 'local' or 'global' (or 'module', with modules), got {self.scope!r}")
         if not isinstance(self.modules, dict) or not all(

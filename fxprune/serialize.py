@@ -28,6 +28,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .api import as_input_tuple
 from .errors import FxPruneError, PlanError
 from .passes.shrink_channels import ShrinkChannels
 from .plan import Plan
@@ -54,12 +55,6 @@ def _leaf_modules_of(pruned: nn.Module, leaf_modules: Sequence[str] | None) -> l
     return list(getattr(recipe, "leaf_modules", []) or [])
 
 
-def _as_tuple(example_inputs: Any) -> tuple:
-    if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs,)
-    if isinstance(example_inputs, (tuple, list)):
-        return tuple(example_inputs)
-    raise TypeError(f"example_inputs must be a tensor or a tuple of tensors, got {type(example_inputs).__name__}")
 
 
 def save(pruned: nn.Module, path: Union[str, Path], *, leaf_modules: Sequence[str] | None = None,
@@ -86,7 +81,7 @@ def save(pruned: nn.Module, path: Union[str, Path], *, leaf_modules: Sequence[st
     # Clones: safetensors refuses tensors that share storage (tied weights); loading fills every key again.
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in module.state_dict().items()}
     inputs = [] if example_inputs is None else [
-        {"shape": list(t.shape), "dtype": str(t.dtype)} for t in _as_tuple(example_inputs) if isinstance(t, torch.Tensor)]
+        {"shape": list(t.shape), "dtype": str(t.dtype)} for t in as_input_tuple(example_inputs) if isinstance(t, torch.Tensor)]
     from . import __version__
 
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "plan": plan.to_json(),
@@ -180,7 +175,7 @@ def load(path: Union[str, Path], model_or_constructor: Union[nn.Module, Callable
     plan: Plan = meta["plan"]
     model = _instantiate(model_or_constructor)
     arch = type(model).__name__
-    inputs = _default_inputs(meta["inputs"], p) if example_inputs is None else _as_tuple(example_inputs)
+    inputs = _default_inputs(meta["inputs"], p) if example_inputs is None else as_input_tuple(example_inputs)
     gm = trace(model.eval(), meta["leaf_modules"])
     record_shapes(gm, inputs)
     try:
