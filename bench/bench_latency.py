@@ -14,15 +14,13 @@ import torch
 import torchvision
 
 import fxprune
-from fxprune.work import count_model
+from fxprune.work import count_work
 
 CASES = [("resnet50", 224), ("vit_b_16", 224)]
 
 
 def _macs(model: torch.nn.Module, x: torch.Tensor) -> int:
-    gm = fxprune.trace(model)
-    fxprune.record_shapes(gm, (x,))
-    return count_model(gm)["macs"]
+    return count_work(model, x)["macs"]
 
 
 def _median_ms(model: torch.nn.Module, x: torch.Tensor, runs: int) -> float:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import torch
 import torch.fx as fx
 
 from .ops.registry import OpRule
@@ -46,6 +47,15 @@ class Counter:
         now = self.count(new_sizes)[metric]
         base = self.base_macs if metric == "macs" else self.total_params
         return 1.0 - now / base if base else 0.0
+
+
+def count_work(model: "torch.nn.Module", *inputs: "torch.Tensor") -> dict[str, int]:
+    """MACs and parameters of any traceable model on ``inputs`` (the model is not modified)."""
+    from .trace import record_shapes, trace
+
+    gm = trace(model)
+    record_shapes(gm, inputs)
+    return count_model(gm)
 
 
 def count_model(gm: fx.GraphModule) -> dict[str, int]:

@@ -7,7 +7,7 @@ from torch import nn
 
 import fxprune
 from fxprune.testing import ResCatNet, channel_recipe, prune_and_check
-from fxprune.work import count_model
+from fxprune.work import count_work
 
 
 def rescat() -> nn.Module:
@@ -19,9 +19,7 @@ X = torch.randn(2, 3, 12, 12)
 
 
 def _macs(m: nn.Module) -> int:
-    gm = fxprune.trace(m)
-    fxprune.record_shapes(gm, (X,))
-    return count_model(gm)["macs"]
+    return count_work(m, X)["macs"]
 
 
 @pytest.mark.parametrize("scope", ["local", "global"])

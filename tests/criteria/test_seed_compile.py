@@ -10,7 +10,7 @@ from torch import nn
 import fxprune
 from fxprune.errors import FxPruneError
 from fxprune.testing import ResCatNet, assert_masked_equals_shrunk, channel_recipe, prune_and_check
-from fxprune.work import count_model
+from fxprune.work import count_work
 
 SEED_CRITERIA = ["taylor", "hessian", "lamp", "catro", "dimap"]
 
@@ -44,9 +44,7 @@ def _data(n_batches: int = 2) -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 
 def _macs(m: nn.Module, x: torch.Tensor) -> int:
-    gm = fxprune.trace(m)
-    fxprune.record_shapes(gm, (x,))
-    return count_model(gm)["macs"]
+    return count_work(m, x)["macs"]
 
 
 @pytest.mark.parametrize("criterion", SEED_CRITERIA)

@@ -10,7 +10,7 @@ import torchvision
 
 import fxprune
 from fxprune.testing import channel_recipe, prune_and_check
-from fxprune.work import count_model
+from fxprune.work import count_model, count_work
 
 ATTENTION = ("vit_", "swin_", "maxvit_")
 CNNS = [n for n in torchvision.models.list_models(module=torchvision.models) if not n.startswith(ATTENTION)]
@@ -23,9 +23,7 @@ def _model(name: str) -> tuple[torch.nn.Module, torch.Tensor, dict]:
     model = torchvision.models.get_model(name, weights=None).eval()
     size = INPUT_SIZE.get(name, 32)
     x = torch.randn(2, 3, size, size)
-    gm = fxprune.trace(model)
-    fxprune.record_shapes(gm, (x,))
-    return model, x, count_model(gm)
+    return model, x, count_work(model, x)
 
 
 def test_catalog_is_complete() -> None:
