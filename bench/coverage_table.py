@@ -11,9 +11,8 @@ import time
 import torch
 import torchvision
 
-import fxprune
 from fxprune.testing import prune_and_check
-from fxprune.work import count_model
+from fxprune.work import count_model, count_work
 
 SIZES = {"inception_v3": 80}
 
@@ -29,9 +28,7 @@ def main(prefixes: list[str]) -> None:
         model = torchvision.models.get_model(name, weights=None).eval()
         size = SIZES.get(name, 64)
         x = torch.randn(2, 3, size, size)
-        gm = fxprune.trace(model)
-        fxprune.record_shapes(gm, (x,))
-        base = count_model(gm)
+        base = count_work(model, x)
         cells = []
         for target in ("sparsity", "flops"):
             t0 = time.perf_counter()

@@ -8,7 +8,6 @@ import pytest
 import torch
 import torchvision
 
-import fxprune
 from fxprune.testing import channel_recipe, prune_and_check
 from fxprune.work import count_model, count_work
 
