@@ -24,6 +24,10 @@ class Plan:
 
     ``groups`` and ``frozen`` describe the decisions for reports: pruned groups with their parameter axes and
     unit counts, and frozen groups with the reasons.
+
+    ``rewrites`` lists, in order, the graph rewrites that follow the channel shrink (block sparsity, patch
+    gathering...): each entry is a JSON-able dict whose ``"pass"`` names a function registered with
+    ``fxprune.passes.replay.register_rewrite``. They are replayed after ``kept`` is applied.
     """
 
     kept: dict[str, list[int]] = field(default_factory=dict)
@@ -31,6 +35,7 @@ class Plan:
     groups: list[dict] = field(default_factory=list)
     frozen: list[dict] = field(default_factory=list)
     stats: dict[str, float] = field(default_factory=dict)
+    rewrites: list[dict] = field(default_factory=list)
     version: int = PLAN_VERSION
 
     def kept_spaces(self) -> dict[Space, np.ndarray]:
@@ -38,7 +43,7 @@ class Plan:
 
     @property
     def empty(self) -> bool:
-        return not self.kept
+        return not self.kept and not self.rewrites
 
     def compose(self, later: "Plan") -> "Plan":
         """The plan equal to applying ``self`` and then ``later`` (whose indices refer to ``self``'s result)."""
@@ -48,11 +53,15 @@ class Plan:
             base = np.asarray(self.kept[key]) if key in self.kept else np.arange(later.sizes[key])
             kept[key] = base[np.asarray(idx, np.int64)].tolist()
             sizes.setdefault(key, later.sizes[key])
-        return Plan(kept, sizes, self.groups + later.groups, later.frozen, {**self.stats, **later.stats})
+        if self.rewrites and later.kept:
+            raise PlanError("a channel plan cannot follow graph rewrites: put channel stages before "
+                            f"{self.rewrites[-1].get('pass')!r} stages")
+        return Plan(kept, sizes, self.groups + later.groups, later.frozen, {**self.stats, **later.stats},
+                    self.rewrites + later.rewrites)
 
     def to_dict(self) -> dict:
         return {"format": "fxprune.plan", "version": self.version, "kept": self.kept, "sizes": self.sizes,
-                "groups": self.groups, "frozen": self.frozen, "stats": self.stats}
+                "groups": self.groups, "frozen": self.frozen, "stats": self.stats, "rewrites": self.rewrites}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
@@ -64,7 +73,8 @@ class Plan:
         if data.get("version") != PLAN_VERSION:
             raise PlanError(f"plan version {data.get('version')!r} is not supported (expected {PLAN_VERSION})")
         return cls({k: list(map(int, v)) for k, v in data["kept"].items()}, dict(data["sizes"]),
-                   list(data.get("groups", [])), list(data.get("frozen", [])), dict(data.get("stats", {})))
+                   list(data.get("groups", [])), list(data.get("frozen", [])), dict(data.get("stats", {})),
+                   [dict(r) for r in data.get("rewrites", [])])
 
     @classmethod
     def from_json(cls, text: str) -> "Plan":

@@ -154,10 +154,18 @@ class Recipe:
             raise RecipeError("stages", "must be a non-empty list of stages")
         if not isinstance(self.leaf_modules, list) or not all(isinstance(p, str) for p in self.leaf_modules):
             raise RecipeError("leaf_modules", f"must be a list of module paths or class names, got {self.leaf_modules!r}")
+        rewriter = None
         for i, stage in enumerate(self.stages):
             if not hasattr(stage, "validate"):
                 raise RecipeError(f"stages[{i}]", f"must be a stage, got {type(stage).__name__}")
             stage.validate(f"stages[{i}]")
+            # Stages that rewrite the graph (``rewrites_graph = True``: blocksparse, patches) come after every
+            # channel-shrinking stage, so a plan replays as "shrink channels, then the rewrites in order".
+            if getattr(stage, "rewrites_graph", False):
+                rewriter = rewriter or (i, stage.kind)
+            elif rewriter is not None:
+                raise RecipeError(f"stages[{i}].kind", f"'{stage.kind}' stages must come before the "
+                                  f"'{rewriter[1]}' stage (stages[{rewriter[0]}]), which rewrites the graph")
 
     # -- conversion ------------------------------------------------------------------------------------------
     def to_dict(self) -> dict:

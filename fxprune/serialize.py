@@ -11,7 +11,7 @@ file: its tensors are the pruned model's ``state_dict`` and its string header me
 * ``fxprune_version`` and ``torch_version`` (informational).
 
 ``fxprune.load(path, model_or_constructor, example_inputs)`` traces the original architecture again, replays the
-plan with ``ShrinkChannels`` and then loads the saved tensors, so weights changed after pruning (fine-tuning)
+plan (``passes.replay.apply_plan``: channels, then recorded rewrites) and then loads the saved tensors, so weights changed after pruning (fine-tuning)
 survive. Any safetensors reader can open the file; nothing in it is executable.
 """
 from __future__ import annotations
@@ -30,7 +30,7 @@ from torch import nn
 
 from .api import as_input_tuple
 from .errors import FxPruneError, PlanError
-from .passes.shrink_channels import ShrinkChannels
+from .passes.replay import apply_plan
 from .plan import Plan
 from .trace import record_shapes, trace
 
@@ -179,7 +179,7 @@ def load(path: Union[str, Path], model_or_constructor: Union[nn.Module, Callable
     gm = trace(model.eval(), meta["leaf_modules"])
     record_shapes(gm, inputs)
     try:
-        ShrinkChannels(plan, inputs)(gm)
+        apply_plan(gm, plan, inputs)
     except PlanError as exc:
         raise PlanError(f"the plan in '{p}' does not fit {arch}: {exc}") from exc
     _load_weights(gm, load_file(str(p)), p, arch)

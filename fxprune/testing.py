@@ -107,11 +107,11 @@ def assert_masked_equals_shrunk(
     """
     inputs = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
     if shrunk is None:
-        from .passes.shrink_channels import ShrinkChannels
+        from .passes.replay import apply_plan
 
         shrunk = trace(copy.deepcopy(model).eval(), leaf_modules)
         record_shapes(shrunk, inputs)
-        ShrinkChannels(plan, inputs)(shrunk)
+        apply_plan(shrunk, plan, inputs)
     masked = masked_model(model, plan, inputs, leaf_modules)
     want, got = tensors_of(_run_eval(masked, inputs)), tensors_of(_run_eval(shrunk, inputs))
     assert len(want) == len(got), f"masked model returns {len(want)} tensors, shrunk model {len(got)}"

@@ -58,3 +58,31 @@ def test_invalid_plans_are_rejected(model: torch.nn.Module) -> None:
         ShrinkChannels(Plan({"x:0:1": [0, 1]}, {"x:0:1": 3}), (X,))(gm)
     with pytest.raises(PlanError, match="not an fxprune plan"):
         Plan.from_json("{}")
+
+
+def test_plan_rewrites_round_trip_and_compose_order():
+    from fxprune.errors import PlanError
+    from fxprune.plan import Plan
+
+    channels = Plan({"a:1": [0, 2]}, {"a:1": 4})
+    rewrite = Plan(rewrites=[{"pass": "blocksparse", "modules": {"fc": [1]}}])
+    both = channels.compose(rewrite)
+    assert both.kept == channels.kept and both.rewrites == rewrite.rewrites
+    assert Plan.from_json(both.to_json()) == both
+    with pytest.raises(PlanError, match="blocksparse"):
+        rewrite.compose(channels)
+
+
+def test_apply_plan_rejects_unknown_rewrite():
+    import torch
+    from torch import nn
+
+    from fxprune.errors import PlanError
+    from fxprune.passes.replay import apply_plan
+    from fxprune.plan import Plan
+    from fxprune.trace import record_shapes, trace
+
+    gm = trace(nn.Linear(3, 3))
+    record_shapes(gm, (torch.randn(2, 3),))
+    with pytest.raises(PlanError, match="'nope' is unknown"):
+        apply_plan(gm, Plan(rewrites=[{"pass": "nope"}]), (torch.randn(2, 3),))

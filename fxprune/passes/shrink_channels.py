@@ -69,7 +69,7 @@ class ShrinkChannels(PassBase):
     def call(self, gm: fx.GraphModule) -> PassResult:
         a = self.analysis
         self.ctx = r = RewriteContext(self.plan.kept_spaces(), a.param_sizes)
-        if self.plan.empty:
+        if not self.plan.kept:
             return PassResult(gm, False)
         owners = sorted({s.owner for s in r.kept_indices if s.is_param})
         for owner in owners:
@@ -86,7 +86,7 @@ class ShrinkChannels(PassBase):
         return PassResult(gm, True)
 
     def ensures(self, gm: fx.GraphModule) -> None:
-        if self.ctx is None or self.plan.empty:
+        if self.ctx is None or not self.plan.kept:
             return
         expected = {}
         for node in gm.graph.nodes:
