@@ -43,6 +43,7 @@ class StackRule(OpRule):
         if y is None or not xs:
             return
         new = arg(node, 1, "dim", 0) % y.ndim
+        c.freeze(y.space(new), f"new dim of {node.format_node()}")
         for x in xs:
             for d in range(x.ndim):
                 c.tie_dims(x, d, y, d if d < new else d + 1)

@@ -38,6 +38,16 @@ def _fetch(gm: fx.GraphModule, path: str) -> torch.Tensor:
     return getattr(owner, name)
 
 
+_METADATA = ("dtype", "device", "is_cuda")
+
+
+def metadata_only(node: fx.Node) -> bool:
+    """Whether a ``get_attr`` tensor is only asked for its dtype/device (EdgeNeXt reads ``proj.weight.device``
+    while calling ``proj``): it is not a second owner of those parameters, and its shape follows its module's."""
+    return bool(node.users) and all(
+        u.op == "call_function" and u.target is getattr and u.args[1] in _METADATA for u in node.users)
+
+
 @register_op(fx_op="get_attr")
 class AttributeRule(OpRule):
     """A tensor attribute used in the graph (e.g. a layer scale or a position embedding): any dim may shrink."""
@@ -47,6 +57,8 @@ class AttributeRule(OpRule):
     def couple(self, node: fx.Node, c: Coupling) -> None:
         y = c.out()
         if y is None:
+            return
+        if metadata_only(node):  # ``w.dtype``/``w.device``/``w.shape``: nothing to couple, nothing to slice here
             return
         for d, n in enumerate(y.shape):
             c.tie(y.space(d), c.param(d, n))

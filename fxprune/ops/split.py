@@ -134,7 +134,10 @@ class GetItemRule(OpRule):
                 c.tie(x.space(d_in), y.space(d_out), rng, arange(len(rng)))
                 c.free(x.space(d_in), np.setdiff1d(arange(n), rng))
                 d_out += 1
-            else:
+            else:  # a strided or tensor-valued slice: no kept-range rewrite exists, so both sides stay whole
+                reason = f"sliced with a step at {node.format_node()}"
+                c.freeze(x.space(d_in), reason)
+                c.freeze(y.space(d_out), reason)
                 d_out += 1
             d_in += 1
 

@@ -119,3 +119,45 @@ def test_negative_tuple_index_is_the_last_item() -> None:
         model.cv1.weight[8:] *= 1e-3  # the last piece is weakest: pruned unevenly
     pruned = prune_and_check(model, channel_recipe(0.5), x)
     assert pruned.cv2.in_channels < 12
+
+
+class StridedSliceFeatures(nn.Module):
+    """EdgeNeXt-style Fourier features: a constant tensor sliced with a step (``0::2``/``1::2``), stacked and fed to a
+    conv. The strided slices have no kept-range rewrite, so the conv's input channels must stay whole."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj, self.head = nn.Conv2d(8, 6, 1), nn.Conv2d(6, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = x.mean(1, keepdim=True).permute(0, 2, 3, 1) * torch.arange(8, dtype=torch.float32)
+        feats = torch.stack((t[..., 0::2].sin(), t[..., 1::2].cos()), dim=4).flatten(3).permute(0, 3, 1, 2)
+        return self.head(self.proj(feats))
+
+
+def test_strided_slice_freezes_both_sides() -> None:
+    model = StridedSliceFeatures().eval()
+    x = torch.randn(2, 3, 4, 4)
+    a = analyze_model(model, x)
+    assert frozen_of(a, "@proj:0:1").all()
+    assert not frozen_of(a, "@proj:0:0").all()
+    pruned = prune_and_check(model, channel_recipe(0.5), x)
+    assert pruned.proj.in_channels == 8 and pruned.proj.out_channels < 6
+
+
+class ReadsOwnWeight(nn.Module):
+    """EdgeNeXt-style: a module's weight is read directly (``.dtype``) besides the module being called."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj, self.head = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.proj(x.to(self.proj.weight.dtype)))
+
+
+def test_attribute_of_a_called_module_is_not_a_second_owner() -> None:
+    model = ReadsOwnWeight().eval()
+    x = torch.randn(2, 3, 4, 4)
+    pruned = prune_and_check(model, channel_recipe(0.5), x)
+    assert pruned.proj.out_channels == 4 and pruned.proj.weight.shape[1] == 3
