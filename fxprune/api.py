@@ -125,7 +125,9 @@ def compile(  # noqa: A001  (the name users expect)
         backend: if given (e.g. ``"inductor"``), return ``torch.compile(pruned, backend=backend, fullgraph=True)``.
 
     Returns:
-        A ``torch.fx.GraphModule`` whose output shapes equal the model's (compiled when ``backend`` is set).
+        A ``torch.fx.GraphModule`` whose output shapes equal the model's (compiled when ``backend`` is set). With a
+        recipe ``submodule`` (partial tracing, ``fxprune.partial``): the whole model, an ``nn.Module``, in which only
+        that submodule was replaced by its pruned ``GraphModule``.
 
     Example:
         >>> pruned = fxprune.compile(torchvision.models.resnet18(), {"stages": [{"target": {"flops": 0.5}}]},
@@ -134,9 +136,29 @@ def compile(  # noqa: A001  (the name users expect)
     recipe = Recipe.load(recipe)
     _check_model(model)
     inputs = as_input_tuple(example_inputs)
-    training = model.training
-    work = copy.deepcopy(model).eval()
-    gm = trace(work, recipe.leaf_modules)
+    if recipe.submodule:  # partial tracing: prune one traceable submodule, return the whole model
+        from .partial import compile_submodule
+
+        return compile_submodule(model, recipe, inputs, data=data, evaluate=evaluate, finetune=finetune,
+                                 backend=backend)
+    gm = prune_graph(copy.deepcopy(model).eval(), recipe, inputs, data=data, evaluate=evaluate, finetune=finetune)
+    gm.train(model.training)
+    if backend is not None:
+        compiled = torch.compile(gm, backend=backend, fullgraph=True)
+        compiled.fxprune_plan, compiled.fxprune_recipe = gm.fxprune_plan, recipe
+        return compiled
+    return gm
+
+
+def prune_graph(module: nn.Module, recipe: Recipe, inputs: tuple, *, data: Any = None,
+                evaluate: Callable[[nn.Module], float] | None = None,
+                finetune: Callable[[nn.Module, int], None] | None = None) -> fx.GraphModule:
+    """Trace ``module`` (a private copy, in eval mode: its submodules end up in the result) and run every stage of
+    ``recipe`` on it with ``inputs``; returns the shrunk ``GraphModule`` carrying ``fxprune_plan``/``fxprune_recipe``.
+
+    Raises ``FxPruneError`` if the output shapes changed (outputs are frozen, so they never should).
+    """
+    gm = trace(module, recipe.leaf_modules)
     record_shapes(gm, inputs)
     before = output_spec(gm)
     plan = Plan()
@@ -152,11 +174,6 @@ def compile(  # noqa: A001  (the name users expect)
         raise FxPruneError(f"internal error: output shapes changed from {before} to {after}")
     gm.fxprune_plan = plan
     gm.fxprune_recipe = recipe
-    gm.train(training)
-    if backend is not None:
-        compiled = torch.compile(gm, backend=backend, fullgraph=True)
-        compiled.fxprune_plan, compiled.fxprune_recipe = plan, recipe
-        return compiled
     return gm
 
 
@@ -165,4 +182,4 @@ def output_spec(gm: fx.GraphModule) -> Any:
     return [spec_of(a) for a in out.all_input_nodes]
 
 
-__all__ = ["compile", "stage_runner", "run_channel_stage"]
+__all__ = ["compile", "prune_graph", "stage_runner", "run_channel_stage"]

@@ -136,13 +136,28 @@ class ChannelStage:
 Stage = Union[ChannelStage]
 
 
+def validate_submodule_path(path: Any) -> None:
+    """Check the recipe's ``submodule``: ``""`` or a dotted path of attribute names (``backbone``, ``model.body.0``)."""
+    if not isinstance(path, str):
+        raise RecipeError("submodule", f"must be a dotted module path such as 'backbone' (or '' for the whole model), "
+                                       f"got {path!r}")
+    if path and not all(part and (part.isidentifier() or part.isdigit()) for part in path.split(".")):
+        raise RecipeError("submodule", f"'{path}' is not a dotted module path (names joined by '.', e.g. "
+                                       f"'backbone.body')")
+
+
 @dataclass
 class Recipe:
-    """An ordered list of stages plus tracing options. ``version`` guards the schema."""
+    """An ordered list of stages plus tracing options. ``version`` guards the schema.
+
+    ``submodule`` is the dotted path of the one submodule to prune (e.g. ``"backbone"`` of a torchvision detector,
+    see ``fxprune.partial``); ``""`` prunes the whole model. ``leaf_modules`` are then relative to that submodule.
+    """
 
     stages: list = field(default_factory=list)
     version: int = RECIPE_VERSION
     leaf_modules: list = field(default_factory=list)
+    submodule: str = ""
 
     def __post_init__(self) -> None:
         self.validate()
@@ -154,6 +169,7 @@ class Recipe:
             raise RecipeError("stages", "must be a non-empty list of stages")
         if not isinstance(self.leaf_modules, list) or not all(isinstance(p, str) for p in self.leaf_modules):
             raise RecipeError("leaf_modules", f"must be a list of module paths or class names, got {self.leaf_modules!r}")
+        validate_submodule_path(self.submodule)
         rewriter = None
         for i, stage in enumerate(self.stages):
             if not hasattr(stage, "validate"):
@@ -169,8 +185,11 @@ class Recipe:
 
     # -- conversion ------------------------------------------------------------------------------------------
     def to_dict(self) -> dict:
-        return {"version": self.version, "leaf_modules": list(self.leaf_modules),
-                "stages": [dataclasses.asdict(s) for s in self.stages]}
+        out = {"version": self.version, "leaf_modules": list(self.leaf_modules),
+               "stages": [dataclasses.asdict(s) for s in self.stages]}
+        if self.submodule:  # written only when set: whole-model recipes keep their exact form
+            out["submodule"] = self.submodule
+        return out
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
@@ -179,6 +198,9 @@ class Recipe:
     def from_dict(cls, data: Any) -> "Recipe":
         if not isinstance(data, dict):
             raise RecipeError("<root>", f"must be a mapping with 'stages', got {type(data).__name__}")
+        if "scope" in data:  # the issue's spelling; at the root it would shadow stages[i].scope (local/global/module)
+            raise RecipeError("scope", "unknown field; the submodule to prune is the recipe field 'submodule' (e.g. "
+                              "submodule: backbone); 'scope' exists only per stage (stages[i].scope: local/global/module)")
         _check_keys(data, cls, "")
         stages = data.get("stages")
         if not isinstance(stages, list) or not stages:
@@ -193,7 +215,8 @@ class Recipe:
                 raise RecipeError(f"{path}.kind", f"unknown stage kind '{kind}'; available: {', '.join(sorted(_STAGES))}")
             _check_keys(s, _STAGES[kind], path)
             parsed.append(_STAGES[kind](**s))
-        return cls(stages=parsed, version=data.get("version", RECIPE_VERSION), leaf_modules=data.get("leaf_modules", []))
+        return cls(stages=parsed, version=data.get("version", RECIPE_VERSION), leaf_modules=data.get("leaf_modules", []),
+                   submodule=data.get("submodule", ""))
 
     @classmethod
     def from_file(cls, path: Union[str, Path]) -> "Recipe":

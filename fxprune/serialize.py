@@ -6,6 +6,8 @@ file: its tensors are the pruned model's ``state_dict`` and its string header me
 * ``format`` = ``"fxprune.model"`` and ``format_version`` (currently ``"1"``),
 * ``plan``: the plan JSON (``Plan.to_json``: kept indices relative to the original model),
 * ``leaf_modules``: a JSON list, the recipe's leaf modules (the replay must trace the same graph),
+* ``submodule``: the recipe's submodule path (partial tracing, ``fxprune.partial``), ``""`` for a whole-model plan;
+  a scoped file holds the whole model's tensors and its ``inputs`` are the submodule's captured inputs,
 * ``inputs``: a JSON list of the example inputs' shapes and dtypes (used when ``load`` gets no inputs),
 * ``training``: ``"true"``/``"false"``, the pruned model's mode, restored by ``load``,
 * ``fxprune_version`` and ``torch_version`` (informational).
@@ -57,6 +59,21 @@ def _leaf_modules_of(pruned: nn.Module, leaf_modules: Sequence[str] | None) -> l
 
 
 
+def _input_specs(module: nn.Module, submodule: str, example_inputs: Any) -> list[dict]:
+    """Shapes and dtypes of the inputs the replay records shapes with: the model's, or for a scoped plan the
+    submodule's (captured from ``example_inputs`` run through the whole model, else those compile captured)."""
+    if submodule and example_inputs is None:
+        return list(getattr(module, "fxprune_submodule_inputs", []))
+    if example_inputs is None:
+        return []
+    inputs = as_input_tuple(example_inputs)
+    if submodule:
+        from .partial import capture_inputs
+
+        inputs = capture_inputs(module, submodule, inputs)[0]
+    return [{"shape": list(t.shape), "dtype": str(t.dtype)} for t in inputs if isinstance(t, torch.Tensor)]
+
+
 def save(pruned: nn.Module, path: Union[str, Path], *, leaf_modules: Sequence[str] | None = None,
          example_inputs: Any = None) -> Path:
     """Write ``pruned`` (a result of ``fxprune.compile``) to the single safetensors file ``path``.
@@ -79,13 +96,15 @@ def save(pruned: nn.Module, path: Union[str, Path], *, leaf_modules: Sequence[st
         raise FxPruneError("fxprune.save needs a model returned by fxprune.compile (it has no 'fxprune_plan')")
     module = _unwrap(pruned)
     # Clones: safetensors refuses tensors that share storage (tied weights); loading fills every key again.
-    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in module.state_dict().items()}
-    inputs = [] if example_inputs is None else [
-        {"shape": list(t.shape), "dtype": str(t.dtype)} for t in as_input_tuple(example_inputs) if isinstance(t, torch.Tensor)]
+    # A scoped model may hold a torch.compile'd submodule: its keys lose the wrapper's "_orig_mod." part.
+    tensors = {k.replace("_orig_mod.", ""): v.detach().to("cpu").contiguous().clone() for k, v in module.state_dict().items()}
+    submodule = getattr(module, "fxprune_submodule", "")  # set by partial tracing (compile and load)
+    inputs = _input_specs(module, submodule, example_inputs)
     from . import __version__
 
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "plan": plan.to_json(),
             "leaf_modules": json.dumps(_leaf_modules_of(pruned, leaf_modules)), "inputs": json.dumps(inputs),
+            "submodule": submodule,
             "training": json.dumps(bool(module.training)), "fxprune_version": __version__, "torch_version": torch.__version__}
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -111,6 +130,7 @@ def read_metadata(path: Union[str, Path]) -> dict[str, Any]:
     try:
         return {"plan": Plan.from_json(meta["plan"]), "leaf_modules": json.loads(meta.get("leaf_modules", "[]")),
                 "inputs": json.loads(meta.get("inputs", "[]")), "training": json.loads(meta.get("training", "false")),
+                "submodule": meta.get("submodule", ""),
                 "fxprune_version": meta.get("fxprune_version"),
                 "torch_version": meta.get("torch_version")}
     except (KeyError, json.JSONDecodeError) as exc:
@@ -163,7 +183,8 @@ def load(path: Union[str, Path], model_or_constructor: Union[nn.Module, Callable
             of the shapes stored by ``save(..., example_inputs=...)``.
 
     Returns:
-        A ``torch.fx.GraphModule`` with ``fxprune_plan``, in the train/eval mode the pruned model was saved in.
+        A ``torch.fx.GraphModule`` with ``fxprune_plan``, in the train/eval mode the pruned model was saved in; for
+        a file saved from a recipe with ``submodule``, the whole model with that submodule replayed.
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
@@ -176,10 +197,16 @@ def load(path: Union[str, Path], model_or_constructor: Union[nn.Module, Callable
     model = _instantiate(model_or_constructor)
     arch = type(model).__name__
     inputs = _default_inputs(meta["inputs"], p) if example_inputs is None else as_input_tuple(example_inputs)
-    gm = trace(model.eval(), meta["leaf_modules"])
-    record_shapes(gm, inputs)
     try:
-        apply_plan(gm, plan, inputs)
+        if meta["submodule"]:  # partial tracing: replay on the same submodule, return the whole model
+            from .partial import capture_inputs, replay_submodule
+
+            gm = replay_submodule(model, meta["submodule"], plan, meta["leaf_modules"],
+                                  inputs if example_inputs is None else capture_inputs(model, meta["submodule"], inputs)[0])
+        else:
+            gm = trace(model.eval(), meta["leaf_modules"])
+            record_shapes(gm, inputs)
+            apply_plan(gm, plan, inputs)
     except PlanError as exc:
         raise PlanError(f"the plan in '{p}' does not fit {arch}: {exc}") from exc
     _load_weights(gm, load_file(str(p)), p, arch)
