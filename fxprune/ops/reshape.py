@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import builtins
 import math
+from typing import Callable
 
 import torch
 import torch.fx as fx
@@ -42,6 +43,26 @@ def reshape_blocks(a: tuple[int, ...], b: tuple[int, ...]) -> list[tuple[list[in
     return out
 
 
+#: ``hint(node, splits, dim) -> bool``: prefer factor ``dim`` of a split (on the node's output, ``splits``) or of a
+#: merge (on its input). A hint that singles out one factor turns the choice into firm ties (e.g. attention heads).
+FactorHint = Callable[[fx.Node, bool, int], bool]
+_FACTOR_HINTS: list[FactorHint] = []
+
+
+def register_factor_hint(fn: FactorHint) -> FactorHint:
+    """Register a hint naming the reshape factor that must carry channels (see ``ops/attention.py``)."""
+    _FACTOR_HINTS.append(fn)
+    return fn
+
+
+def _choose_factor(c: Coupling, options: list[list[Tie]], dims: list[int], splits: bool) -> None:
+    hinted = [i for i, d in enumerate(dims) if any(h(c.node, splits, d) for h in _FACTOR_HINTS)]
+    if len(hinted) == 1:
+        c.ties.extend(options[hinted[0]])
+    else:
+        c.choose(options)
+
+
 def _factor_options(one: Port, d: int, many: Port, dims: list[int]) -> list[list[Tie]]:
     """Ties of ``one``'s dim ``d`` to each factor dim of ``many`` (row-major), one option per factor.
 
@@ -61,9 +82,9 @@ def couple_reshape(x: Port, y: Port, c: Coupling) -> None:
         if len(din) == 1 and len(dout) == 1:
             c.tie(x.space(din[0]), y.space(dout[0]), size=x.shape[din[0]])
         elif len(din) == 1:
-            c.choose(_factor_options(x, din[0], y, dout))
+            _choose_factor(c, _factor_options(x, din[0], y, dout), dout, True)
         elif len(dout) == 1:
-            c.choose(_factor_options(y, dout[0], x, din))
+            _choose_factor(c, _factor_options(y, dout[0], x, din), din, False)
 
 
 def _sizes_args(node: fx.Node) -> tuple[int, list]:
