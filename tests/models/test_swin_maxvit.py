@@ -1,0 +1,100 @@
+"""Reduced-size torchvision Swin (v1, v2) and MaxViT: attention heads are pruning units.
+
+Every test proves the physically pruned model equals the original with the removed heads / channels zeroed
+(``prune_and_check``), and checks what the rewrite did to the attention: ``num_heads`` arguments, the relative
+position bias tables (v1), the continuous-bias MLP (v2) and ``logit_scale`` (v2).
+"""
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+from torchvision.models import swin_transformer as swin
+
+import fxprune
+from fxprune.ops.window_attention import window_attention
+from fxprune.testing import analyze_model, channel_recipe, frozen_of, prune_and_check
+from fxprune.work import count_model, count_work
+
+torch.set_num_threads(1)
+
+
+def small_swin(v2: bool) -> swin.SwinTransformer:
+    """Two stages, 4x4 windows (so an 8x8 map has 4 windows and the shifted blocks use the attention mask)."""
+    torch.manual_seed(0)
+    extra = {"block": swin.SwinTransformerBlockV2, "downsample_layer": swin.PatchMergingV2} if v2 else {}
+    model = swin.SwinTransformer(patch_size=[4, 4], embed_dim=16, depths=[2, 2], num_heads=[4, 4], window_size=[4, 4],
+                                 num_classes=5, **extra).eval()
+    with torch.no_grad():  # random tables, so masking a head's bias really matters
+        for m in model.modules():
+            if isinstance(m, swin.ShiftedWindowAttention):
+                if isinstance(m, swin.ShiftedWindowAttentionV2):
+                    m.logit_scale.uniform_(1.0, 3.0)
+                else:
+                    m.relative_position_bias_table.normal_()
+    return model
+
+
+def _x(size: int = 32) -> torch.Tensor:
+    return torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
+
+
+def _attention_nodes(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
+    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target in (window_attention, swin.shifted_window_attention)]
+
+
+@pytest.mark.parametrize("v2", [False, True], ids=["v1", "v2"])
+def test_swin_window_attention_against_torchvision(v2: bool) -> None:
+    """fxprune's ``window_attention`` (used after pruning) computes what torchvision's function computes."""
+    model = small_swin(v2)
+    x = model.features[0](_x())  # B H W C after the patch embedding
+    for block in model.features[1]:  # shift 0 and shift 2
+        attn = block.attn
+        bias = attn.get_relative_position_bias()
+        args = (x, attn.qkv.weight, attn.proj.weight, bias, attn.window_size, attn.num_heads)
+        kw = {"shift_size": attn.shift_size, "qkv_bias": attn.qkv.bias, "proj_bias": attn.proj.bias, "training": False,
+              "logit_scale": getattr(attn, "logit_scale", None)}
+        with torch.no_grad():
+            torch.testing.assert_close(window_attention(*args, **kw), swin.shifted_window_attention(*args, **kw))
+
+
+@pytest.mark.parametrize("v2", [False, True], ids=["v1", "v2"])
+def test_swin_heads_are_units(v2: bool) -> None:
+    model = small_swin(v2)
+    a = analyze_model(model, _x())
+    table = "cpb_mlp.2:0:0" if v2 else "relative_position_bias_table:0:1"
+    for stage in ("features.1.0.attn", "features.3.1.attn"):
+        assert not frozen_of(a, f"@{stage}.qkv.weight:0:0").any()
+        assert not frozen_of(a, f"@{stage}.{table}").any()
+        if v2:
+            assert not frozen_of(a, f"@{stage}.logit_scale:0:0").any()
+        from fxprune.testing import units_of
+        rows = units_of(a, f"@{stage}.qkv.weight:0:0").reshape(3, 4, -1)  # (q/k/v, head, head_dim)
+        assert len(set(rows[:, 0].ravel())) == 1 and len(set(rows[:, :, 0].ravel())) == 4  # one unit per head
+
+
+@pytest.mark.parametrize("target", ["sparsity", "flops"])
+@pytest.mark.parametrize("v2", [False, True], ids=["v1", "v2"])
+def test_swin_channels_stage_prunes_heads(v2: bool, target: str) -> None:
+    model, x = small_swin(v2), _x()
+    before = count_work(model, x)
+    pruned = prune_and_check(model, channel_recipe(0.5, target), x)
+    nodes = _attention_nodes(pruned)
+    assert len(nodes) == 4 and all(n.target is window_attention for n in nodes)
+    heads = [n.args[5] for n in nodes]
+    assert sum(heads) < 16, heads
+    for n, h, head_dim in zip(nodes, heads, (4, 4, 8, 8)):  # embed dims 16, 16, 32, 32 over 4 heads
+        w_qkv, w_proj = (pruned.get_parameter(a.target) for a in n.args[1:3])
+        assert w_qkv.shape == (3 * h * head_dim, 4 * head_dim) and w_proj.shape == (4 * head_dim, h * head_dim)
+        assert n.args[3].meta["fxprune"].shape == (1, h, 16, 16)
+    tables = {k: v for k, v in pruned.state_dict().items() if k.endswith("relative_position_bias_table")}
+    if v2:
+        tables = {k: v.t() for k, v in pruned.state_dict().items() if k.endswith("cpb_mlp.2.weight")}
+        scales = [v.shape[0] for k, v in pruned.state_dict().items() if k.endswith("logit_scale")]
+        assert scales == heads
+    assert [t.shape[1] for t in tables.values()] == heads
+    ratio = count_model(pruned)["macs"] / before["macs"]
+    assert ratio < 0.9
+    if target == "flops":
+        assert 0.49 <= 1 - ratio <= 0.51
