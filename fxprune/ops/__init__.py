@@ -2,7 +2,6 @@
 from . import concat, conv, elementwise, io, linear, norm, reshape, split  # noqa: F401  (registration)
 from . import attention  # noqa: F401  (registration: sdpa, matmul, attention-head reshapes)
 from . import window_attention  # noqa: F401  (registration: torchvision Swin window attention)
-from . import window_attention  # noqa: F401  (registration: torchvision Swin window attention)
 from .registry import OpRule, lookup, module_rule, register_functions, register_op
 
 norm.register_torchvision()
