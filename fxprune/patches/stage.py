@@ -1,0 +1,67 @@
+"""The ``patches`` recipe stage: PaPr patch pruning (arXiv 2403.16020).
+
+Example:
+    >>> recipe = {"stages": [{"kind": "patches", "keep": 0.5, "proposal": "torchvision:mobilenet_v3_small"}]}
+    >>> pruned = fxprune.compile(torchvision.models.vit_b_16(), recipe, example_inputs=torch.randn(1, 3, 224, 224))
+"""
+from __future__ import annotations
+
+import torch.fx as fx
+from dataclasses import dataclass
+from typing import ClassVar
+
+from ..api import stage_runner
+from ..errors import RecipeError
+from ..plan import Plan
+from ..recipe import register_stage
+from .proposal import DEFAULT_PROPOSAL, UnknownProposal, check_proposal_name
+
+WHERE = ("auto", "pos_embed", "mlp")
+
+
+@register_stage("patches")
+@dataclass
+class PatchStage:
+    """Keep only the most significant image patches, as a light proposal ConvNet ranks them (one step, per image).
+
+    Fields:
+        keep: the kept fraction ``z`` in (0, 1]. ViTs keep ``int(N * z)`` tokens, ``N`` counting the class token
+            (always kept); hierarchical models run each MLP on ``int(H * W * z)`` positions of its stage's grid.
+        proposal: ``"torchvision:<model>"`` (built with ``weights=None``, cut before global pooling) or a name
+            registered with ``fxprune.patches.register_proposal`` (e.g. a trained module).
+        where: ``auto`` (ViT: after the position embedding; else the channels-last MLPs of Swin / ConvNeXt),
+            ``pos_embed``, ``mlp``, or the name of the graph node whose ``(B, N, D)`` output is gathered.
+    """
+
+    kind: str = "patches"
+    keep: float = 0.5
+    proposal: str = DEFAULT_PROPOSAL
+    where: str = "auto"
+    rewrites_graph: ClassVar[bool] = True
+
+    def validate(self, path: str) -> None:
+        k = self.keep
+        if isinstance(k, bool) or not isinstance(k, (int, float)) or not 0 < k <= 1:
+            raise RecipeError(f"{path}.keep", f"must be a fraction in (0, 1], got {k!r}")
+        self.keep = float(k)
+        if not isinstance(self.proposal, str) or not self.proposal:
+            raise RecipeError(f"{path}.proposal", f"must be a proposal name, got {self.proposal!r}")
+        try:
+            check_proposal_name(self.proposal)
+        except UnknownProposal as exc:
+            raise RecipeError(f"{path}.proposal", str(exc)) from exc
+        if not isinstance(self.where, str) or not self.where:
+            raise RecipeError(f"{path}.where", f"must be one of {', '.join(WHERE)} or a node name, got {self.where!r}")
+
+
+@stage_runner(PatchStage)
+def run_patch_stage(gm: fx.GraphModule, stage: PatchStage, ctx: object, inputs: tuple) -> Plan:
+    """Insert patch selection into ``gm``; the plan records the resolved rewrite for ``fxprune.load``."""
+    from ..passes.gather_patches import gather_patches
+
+    entry = gather_patches(gm, {"pass": "patches", "keep": stage.keep, "proposal": stage.proposal,
+                                "where": stage.where}, inputs)
+    return Plan(rewrites=[entry])
+
+
+__all__ = ["PatchStage", "run_patch_stage"]
