@@ -69,14 +69,18 @@ def _removed_before(a, plan: Plan) -> dict[int, int]:
 
 
 @stage_runner(ChannelStage)
-def run_channel_stage(gm: fx.GraphModule, stage: ChannelStage, ctx: ScoreContext, inputs: tuple) -> Plan:
-    """Prune channels in ``stage.steps`` steps; returns the composed plan (original indices)."""
+def run_channel_stage(gm: fx.GraphModule, stage: ChannelStage, ctx: ScoreContext, inputs: tuple,
+                      planner_cls: type[Planner] = Planner) -> Plan:
+    """Prune channels in ``stage.steps`` steps; returns the composed plan (original indices).
+
+    ``planner_cls`` picks the groups and units (e.g. ``heads.HeadPlanner`` plans attention heads only).
+    """
     criterion = get_criterion(stage.criterion)
     plan = Plan()
     base = None
     for step in range(1, stage.steps + 1):
         a = analyze(gm, stage.ignore)
-        planner = Planner(a, criterion.score(a, ctx), stage, _removed_before(a, plan),
+        planner = planner_cls(a, criterion.score(a, ctx), stage, _removed_before(a, plan),
                           normalize=not getattr(criterion, "comparable_across_groups", False))
         if base is None:
             base = {"macs": planner.counter.base_macs, "params": planner.counter.total_params}

@@ -31,11 +31,14 @@ def _zero_masked(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
 def masked_model(model: nn.Module, plan: Plan, example_inputs: Sequence[Any], leaf_modules: Sequence[str] = ()) -> fx.GraphModule:
     """The original model with every channel the plan removes zeroed wherever it appears.
 
-    The result shares (unmodified) submodules with ``model``: run it in eval mode through ``_run_eval``.
+    The result shares (unmodified) submodules with ``model``: run it in eval mode through ``_run_eval``. Leaf
+    modules whose rules prune internal axes no graph tensor shows (attention heads: ``mask_removed``) are deep
+    copies with the removed slices zeroed; ``model`` itself is never modified.
     """
     gm = trace(model, leaf_modules)
     with _eval_mode(gm):
         record_shapes(gm, tuple(example_inputs))
+    _mask_leaf_internals(gm, plan)
     by_node: dict[str, dict[int, torch.Tensor]] = {}
     for space, kept in plan.kept_spaces().items():
         if space.is_param:
@@ -63,6 +66,36 @@ def masked_model(model: nn.Module, plan: Plan, example_inputs: Sequence[Any], le
     gm.graph.lint()
     gm.recompile()
     return gm
+
+
+def _mask_leaf_internals(gm: fx.GraphModule, plan: Plan) -> None:
+    """Zero what removed units own inside leaf modules whose rule says how (``rule.mask_removed(module, axis,
+    removed)``), in deep copies registered on ``gm`` under new names, so no module of the user's model changes."""
+    import numpy as np
+
+    from .ops.registry import module_rule
+
+    copies: dict[str, nn.Module] = {}
+    for space, kept in plan.kept_spaces().items():
+        path = space.owner[1:]
+        if not space.is_param or not path:
+            continue
+        if path not in copies:
+            try:
+                module = gm.get_submodule(path)
+            except AttributeError:  # a tensor attribute: masked in the graph
+                continue
+            rule = module_rule(module)
+            if rule is None or not hasattr(rule, "mask_removed"):
+                continue
+            copies[path] = copy.deepcopy(module)
+            name = f"_fxprune_masked_{len(copies)}"
+            gm.add_submodule(name, copies[path])
+            for node in gm.graph.nodes:
+                if node.op == "call_module" and node.target == path:
+                    node.target = name
+        rule = module_rule(copies[path])
+        rule.mask_removed(copies[path], space.dim, np.setdiff1d(np.arange(plan.sizes[space.key()]), kept))
 
 
 @contextlib.contextmanager
