@@ -5,6 +5,16 @@ pruning); its forward calls ``torch.ops.fxprune.blocksparse_linear`` so it runs
 the Triton block-sparse kernel on CUDA, a dense-equivalent PyTorch path on CPU,
 compiles with ``torch.compile(fullgraph=True)`` and can be fine-tuned (the kept
 blocks ``values`` are a parameter).
+
+CPU inference: PyTorch has no CPU block-sparse product faster than a dense GEMM at
+ViT sizes and moderate sparsity, so in eval mode, without gradients, a CPU forward
+is ``F.linear`` with a cached dense weight materialised from the kept blocks (a
+non-persistent buffer: never saved; the state dict holds the blocks only). The
+cache is rebuilt by ``eval()``, ``load_state_dict`` and ``refresh_dense_cache()``,
+and, in eager mode, whenever ``values`` changed since it was built (its version
+counter). Training mode or gradients on ``values`` always use the custom op, so
+fine-tuning updates the blocks. Under ``torch.compile`` the version check is
+skipped: call ``eval()`` or ``refresh_dense_cache()`` after changing ``values``.
 """
 
 from __future__ import annotations
@@ -13,6 +23,7 @@ import logging
 from typing import Any, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from fxprune.kernels.blocksparse_matmul import bsr_to_dense, dense_to_bsr
@@ -50,6 +61,9 @@ class BlockSparseLinear(nn.Module):
             self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype))
         else:
             self.register_parameter("bias", None)
+        self.register_buffer("dense_cache", torch.zeros(out_features, in_features, device=device, dtype=dtype),
+                             persistent=False)
+        self._cache_version = -1
 
     @classmethod
     def from_dense(cls, linear: nn.Linear, block_mask: torch.Tensor) -> "BlockSparseLinear":
@@ -73,6 +87,7 @@ class BlockSparseLinear(nn.Module):
             module.row_ptr.copy_(row_ptr)
             if linear.bias is not None:
                 module.bias.copy_(linear.bias.detach())
+        module.refresh_dense_cache()
         logger.debug("BlockSparseLinear.from_dense: kept %d/%d blocks of shape %s",
                      values.shape[0], n_rows * n_cols, block_shape)
         return module
@@ -102,7 +117,34 @@ class BlockSparseLinear(nn.Module):
                 linear.bias.copy_(self.bias)
         return linear
 
+    def refresh_dense_cache(self) -> None:
+        """Rebuild the dense weight used by CPU inference from the current blocks."""
+        with torch.inference_mode(False), torch.no_grad():
+            dense = bsr_to_dense(self.values.detach(), self.col_indices, self.row_ptr,
+                                 (self.out_features, self.in_features))
+            if self.dense_cache.shape == dense.shape and self.dense_cache.dtype == dense.dtype \
+                    and self.dense_cache.device == dense.device and not self.dense_cache.is_inference():
+                self.dense_cache.copy_(dense)
+            else:
+                self.dense_cache = dense
+        self._cache_version = self.values._version
+
+    def train(self, mode: bool = True) -> "BlockSparseLinear":
+        super().train(mode)
+        if not mode:
+            self.refresh_dense_cache()
+        return self
+
+    def _use_dense_cache(self, x: torch.Tensor) -> bool:
+        """CPU, eval mode and no gradient wanted for ``values``: the cached dense weight is exact and fastest."""
+        return (x.device.type == "cpu" and not self.training
+                and not (torch.is_grad_enabled() and self.values.requires_grad))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._use_dense_cache(x):
+            if not torch.compiler.is_compiling() and self._cache_version != self.values._version:
+                self.refresh_dense_cache()
+            return F.linear(x, self.dense_cache, self.bias)
         return torch.ops.fxprune.blocksparse_linear(
             x, self.values, self.col_indices, self.row_ptr, self.out_features, self.in_features, self.bias)
 
@@ -123,3 +165,5 @@ class BlockSparseLinear(nn.Module):
         if isinstance(cols, torch.Tensor) and cols.dim() == 1 and cols.shape != self.col_indices.shape:
             self.col_indices = self.col_indices.new_empty(cols.shape)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if self.values.shape[0] == self.col_indices.shape[0]:  # else load_state_dict reports the mismatch
+            self.refresh_dense_cache()
