@@ -273,3 +273,20 @@ def test_recipe_submodule_round_trips(tmp_path) -> None:
     assert fxprune.Recipe.load(tmp_path / "r.json") == recipe
     plain = fxprune.Recipe.load({"stages": [{}]})
     assert plain.submodule == "" and "submodule" not in plain.to_dict()
+
+
+def test_backend_compiles_the_submodule_and_saves(tmp_path) -> None:
+    """With ``backend``, only the pruned submodule is torch.compile'd; save strips the wrapper from the keys."""
+    model = Gated().eval()
+    x = torch.randn(2, 3, 12, 12)
+    recipe = {"submodule": "body", "stages": [{"target": {"flops": 0.4}}]}
+    plain = fxprune.compile(model, recipe, example_inputs=x)
+    compiled = fxprune.compile(model, recipe, example_inputs=x, backend="aot_eager")
+    assert isinstance(compiled, Gated) and isinstance(compiled.body, torch._dynamo.eval_frame.OptimizedModule)
+    assert compiled.fxprune_plan.to_json() == plain.fxprune_plan.to_json()
+    with torch.no_grad():
+        _close(compiled(x), plain(x), "compiled body", tol=1e-5)
+    again = fxprune.load(fxprune.save(compiled, tmp_path / "gated.fxp"), Gated)
+    assert isinstance(again.body, fx.GraphModule)
+    with torch.no_grad():
+        _close(again(x), plain(x), "reloaded compiled body", tol=1e-5)
