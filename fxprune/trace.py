@@ -140,9 +140,10 @@ def trace(model: nn.Module, leaf_modules: Sequence[str] = (), autowrap_functions
     Raises:
         TraceFailure: naming the module and source line that broke tracing, and how to mark it as a leaf.
     """
-    from .ops import timm_norm
+    from .ops import attention, timm_norm
 
     timm_norm.register()  # rules for timm's norm+act layers, which its no-trace registries keep whole
+    attention.register_timm()  # timm's attention-mask helpers (manual attention path)
     tracer = PruneTracer(leaf_modules, autowrap_functions)
     try:
         graph = tracer.trace(model)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import operator
+import sys
 from typing import Any
 
 import torch
@@ -29,7 +30,7 @@ from ..graph.coupling import Coupling
 from ..graph.space import Port, Space
 from ..passes.context import RewriteContext, SizeContext
 from ..trace import TensorSpec, spec_of
-from .registry import OpRule, arg, register_op
+from .registry import OpRule, arg, register_functions, register_op
 from .reshape import register_factor_hint
 
 KEY_TOKENS_REASON = "key/value tokens of attention (a removed key would still take softmax weight)"
@@ -134,6 +135,40 @@ class MatmulRule(OpRule):
         return math.prod(s.shape(node)) * s.shape(a)[-1]
 
 
+class ScoresShapeRule(OpRule):
+    """timm's ``resolve_self_attn_mask(N, scores, mask, is_causal)``: reads the scores only for their dtype and
+    device (every slot free); the mask it returns, if any, keeps its shape."""
+
+    name = "attention_mask"
+
+    def couple(self, node: fx.Node, c: Coupling) -> None:
+        scores = c.port(arg(node, 1, "attn"))
+        for d in range(scores.ndim if scores is not None else 0):
+            c.free(scores.space(d))
+
+
+_TIMM_DONE: list[bool] = []
+
+
+def register_timm() -> None:
+    """Rules for the mask helpers of timm's manual attention path (single graph nodes); once, if timm is imported."""
+    if _TIMM_DONE or "timm" not in sys.modules:
+        return
+    _TIMM_DONE.append(True)
+    try:
+        from timm.layers import attention as timm_attention
+    except ImportError:  # a timm without these helpers
+        return
+    from .elementwise import ElementwiseRule
+
+    add = getattr(timm_attention, "maybe_add_mask", None)
+    if add is not None:
+        register_functions(ElementwiseRule, [add])  # scores + mask, or scores when the mask is None
+    resolve = getattr(timm_attention, "resolve_self_attn_mask", None)
+    if resolve is not None:
+        register_op(resolve)(ScoresShapeRule)
+
+
 # -- which factor of a reshape is the heads factor ----------------------------------------------------------------
 _ATTENTION = (F.scaled_dot_product_attention, *MATMUL_TARGETS)
 _MAX_DEPTH = 8
@@ -214,4 +249,4 @@ def head_factor_hint(node: fx.Node, splits: bool, dim: int) -> bool:
     return _reaches_heads(node, dim) if splits else _comes_from_heads(node.args[0], dim)
 
 
-__all__ = ["SdpaRule", "MatmulRule", "head_factor_hint", "head_dim_of", "KEY_TOKENS_REASON"]
+__all__ = ["SdpaRule", "MatmulRule", "ScoresShapeRule", "register_timm", "head_factor_hint", "head_dim_of", "KEY_TOKENS_REASON"]
