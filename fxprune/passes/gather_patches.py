@@ -184,7 +184,7 @@ class GatherPatches(PassBase):
                 rows = gm.graph.call_function(gather_positions, (region.source, idx))
             region.first.replace_input_with(region.source, rows)
             with gm.graph.inserting_after(region.last):
-                back = gm.graph.call_function(scatter_positions, (region.last, idx, h, w))
+                back = gm.graph.call_function(scatter_positions, (region.last, idx, h, w, region.flat))
             region.last.replace_all_uses_with(back, delete_user_cb=lambda user: user is not back)
         self.entry.update(mode="mlp", regions=[[r.first.name, r.last.name] for r in self.regions])
         self.entry.pop("where", None)

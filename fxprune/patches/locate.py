@@ -52,12 +52,14 @@ class TokenSite:
 
 @dataclass
 class MlpRegion:
-    """Nodes ``first .. last`` (in graph order) compute a per-position MLP of the ``(B, H, W, C)`` map ``source``."""
+    """Nodes ``first .. last`` (in graph order) compute a per-position MLP of the ``(B, H, W, C)`` map ``source``
+    (``flat``: of its ``(B, H * W, C)`` reshape, as timm's Swin runs its MLPs)."""
 
     first: fx.Node
     last: fx.Node
     source: fx.Node
     grid: tuple[int, int]
+    flat: bool = False
 
 
 def _shape(node: object) -> Optional[tuple[int, ...]]:
@@ -152,9 +154,28 @@ def _only_user(node: fx.Node) -> Optional[fx.Node]:
     return next(iter(node.users)) if len(node.users) == 1 else None
 
 
+_FLATTENS = {"reshape", "view", "flatten"}
+
+
 def _grid_of(node: fx.Node) -> Optional[tuple[int, int]]:
+    """``(H, W)`` of a channels-last ``(B, H, W, C)`` map, or of a ``(B, H * W, C)`` reshape of one."""
     shape = _shape(node)
-    return (shape[1], shape[2]) if shape is not None and len(shape) == 4 else None
+    if shape is not None and len(shape) == 4:
+        return shape[1], shape[2]
+    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+    if shape is None or len(shape) != 3 or name not in _FLATTENS or not isinstance(node.args[0], fx.Node):
+        return None
+    src = _shape(node.args[0])
+    if src is not None and len(src) == 4 and src[0] == shape[0] and src[1] * src[2] == shape[1] and src[3] == shape[2]:
+        return src[1], src[2]
+    return None
+
+
+def _same_positions(node: fx.Node, grid: tuple[int, int], flat: bool) -> bool:
+    shape = _shape(node)
+    if shape is None:
+        return False
+    return (len(shape) == 3 and shape[1] == grid[0] * grid[1]) if flat else (len(shape) == 4 and shape[1:3] == grid)
 
 
 def _mlp_from(gm: fx.GraphModule, fc1: fx.Node) -> Optional[MlpRegion]:
@@ -167,10 +188,11 @@ def _mlp_from(gm: fx.GraphModule, fc1: fx.Node) -> Optional[MlpRegion]:
     grid = _grid_of(source)
     if grid is None:
         return None
+    flat = len(_shape(source)) == 3
     node, seen_fc2 = fc1, False
     while True:
         user = _only_user(node)
-        if user is None or _grid_of(user) != grid or user.args[0] is not node:
+        if user is None or not _same_positions(user, grid, flat) or user.args[0] is not node:
             break
         if _is_linear(gm, user) and not seen_fc2:
             seen_fc2, node = True, user
@@ -180,7 +202,7 @@ def _mlp_from(gm: fx.GraphModule, fc1: fx.Node) -> Optional[MlpRegion]:
             break
     if not seen_fc2:
         return None
-    return MlpRegion(first, node, source, grid)
+    return MlpRegion(first, node, source, grid, flat)
 
 
 def find_mlp_regions(gm: fx.GraphModule) -> list[MlpRegion]:

@@ -68,15 +68,16 @@ def gather_tokens(tokens: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 
 
 def gather_positions(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """Channels-last map ``[B, H, W, C]`` -> the kept positions ``[B, K, C]`` (``idx`` indexes ``H * W``)."""
-    return gather_tokens(x.flatten(1, 2), idx)
+    """Channels-last map ``[B, H, W, C]`` (or ``[B, H * W, C]``) -> the kept positions ``[B, K, C]``."""
+    return gather_tokens(x.flatten(1, 2) if x.dim() == 4 else x, idx)
 
 
-def scatter_positions(rows: torch.Tensor, idx: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """Rows ``[B, K, C]`` put back at ``idx`` of an ``[B, H, W, C]`` map that is zero everywhere else."""
+def scatter_positions(rows: torch.Tensor, idx: torch.Tensor, height: int, width: int, flat: bool = False) -> torch.Tensor:
+    """Rows ``[B, K, C]`` put back at ``idx`` of an ``[B, H, W, C]`` map (``flat``: ``[B, H * W, C]``) that is zero
+    everywhere else."""
     out = rows.new_zeros(rows.shape[0], height * width, rows.shape[-1])
     out = out.scatter(1, idx.unsqueeze(-1).expand(-1, -1, rows.shape[-1]), rows)
-    return out.unflatten(1, (height, width))
+    return out if flat else out.unflatten(1, (height, width))
 
 
 __all__ = ["PatchSignificance", "keep_count", "select_tokens", "gather_tokens", "gather_positions", "scatter_positions"]
