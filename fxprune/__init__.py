@@ -10,6 +10,7 @@ from . import criteria, ops, testing  # noqa: F401  (registers op rules and crit
 from .api import compile
 from . import blocksparse  # noqa: F401,E402  (registers the blocksparse stage, criteria and rewrite)
 from . import patches  # noqa: F401,E402  (registers the patches stage and rewrite)
+from . import partial  # noqa: F401,E402  (partial tracing: recipe 'submodule')
 from . import heads  # noqa: F401,E402  (registers the heads stage)
 from .errors import BudgetError, ExampleInputsError, FxPruneError, PlanError, RecipeError, RewriteError, TraceFailure
 from .graph.dependency import Analysis, analyze

@@ -31,7 +31,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_flatten, tree_map
 
 from .errors import ExampleInputsError, FxPruneError
 from .recipe import Recipe
@@ -113,7 +113,15 @@ def capture_inputs(model: nn.Module, path: str, inputs: tuple) -> tuple[tuple, A
     if len(calls) > 1:
         log.warning("submodule '%s' is called %d times per forward; pruning uses the first call's inputs",
                     path, len(calls))
-    return _positional(sub, path, *calls[0]), out
+    args = _positional(sub, path, *calls[0])
+    for i, arg in enumerate(args):
+        if isinstance(arg, (dict, list, tuple)) and any(isinstance(t, torch.Tensor) for t in tree_flatten(arg)[0]):
+            parent = path.rpartition(".")[0]
+            hint = f"choose its parent '{parent}' or " if parent else ""
+            raise FxPruneError(f"recipe submodule '{path}' ({type(sub).__name__}) gets tensors packed in a "
+                               f"{type(arg).__name__} as input {i}; fxprune traces submodules whose inputs are "
+                               f"tensors: {hint}choose a submodule called with tensors")
+    return args, out
 
 
 def structure(value: Any) -> Any:

@@ -252,6 +252,15 @@ def test_scope_errors_name_the_path() -> None:
     assert not model.body._forward_pre_hooks and not model.unused._forward_pre_hooks
 
 
+def test_scope_taking_a_dict_is_refused_naming_the_parent() -> None:
+    """An FPN takes an OrderedDict of feature maps: the error says to prune its parent (the backbone) instead."""
+    model = CASES["fasterrcnn_mobilenet_v3_large_fpn"][0]().eval()
+    recipe = {"submodule": "backbone.fpn", "stages": [{"target": {"sparsity": 0.5}}]}
+    with pytest.raises(fxprune.FxPruneError, match=r"'backbone\.fpn' \(FeaturePyramidNetwork\) gets tensors packed in "
+                                                   r"a OrderedDict as input 0.*parent 'backbone'"):
+        fxprune.compile(model, recipe, example_inputs=_inputs(64, True))
+
+
 @pytest.mark.parametrize("value, message", [(3, "dotted module path"), ("body..stem", "not a dotted module path"),
                                             ("body/stem", "not a dotted module path")])
 def test_recipe_submodule_validated(value: Any, message: str) -> None:
