@@ -299,3 +299,18 @@ def test_backend_compiles_the_submodule_and_saves(tmp_path) -> None:
     assert isinstance(again.body, fx.GraphModule)
     with torch.no_grad():
         _close(again(x), plain(x), "reloaded compiled body", tol=1e-5)
+
+
+def test_train_mode_kept_and_user_model_untouched() -> None:
+    """A model in train mode: inputs are captured in eval mode, the result comes back in train mode, and the
+    user's model keeps its modes, weights, submodules and hooks."""
+    model = Gated().train()
+    x = torch.randn(2, 3, 12, 12)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    body = model.body
+    pruned = fxprune.compile(model, {"submodule": "body", "stages": [{"target": {"sparsity": 0.5}}]}, example_inputs=x)
+    assert pruned.training and pruned.body.training and all(m.training for m in model.modules())
+    assert model.body is body and not body._forward_pre_hooks and not hasattr(model, "fxprune_plan")
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert pruned.body.get_submodule("stem.0").out_channels < body.stem[0].out_channels
+    assert_masked_equals_shrunk(model.body, pruned.fxprune_plan, (x,), pruned.body)
