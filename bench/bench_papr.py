@@ -1,0 +1,90 @@
+"""CPU end-to-end latency of PaPr patch pruning: ViT-B/16 at 224, keep z = 0.5, proposal net included, vs dense.
+
+Run as a script (prints a markdown table): ``python bench/bench_papr.py [--runs 5] [--threads N]``; or under
+pytest-benchmark: ``pytest bench/bench_papr.py --benchmark-only -q -s``. The dense and pruned models are timed
+alternately in one process (median of ``runs``); MACs are counted with ``fxprune.work.count_work``, the proposal's
+included. Timings under CPU contention are noisy: compare ratios, not milliseconds.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import time
+
+import pytest
+import torch
+import torchvision
+
+import fxprune
+from fxprune.work import count_work
+
+log = logging.getLogger(__name__)
+PROPOSAL = "torchvision:mobilenet_v3_small"
+
+
+def build(z: float = 0.5, size: int = 224) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """The dense ViT-B/16 and its PaPr version (the default MobileNetV3-small proposal, random weights)."""
+    torch.manual_seed(0)
+    model = torchvision.models.vit_b_16(weights=None, image_size=size).eval()
+    recipe = {"stages": [{"kind": "patches", "keep": z, "proposal": PROPOSAL}]}
+    return model, fxprune.compile(model, recipe, example_inputs=torch.randn(1, 3, size, size))
+
+
+def _median_ms(model: torch.nn.Module, x: torch.Tensor, runs: int) -> float:
+    times = []
+    with torch.inference_mode():
+        model(x)
+        for _ in range(runs):
+            t = time.perf_counter()
+            model(x)
+            times.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(times)
+
+
+def measure(model: torch.nn.Module, pruned: torch.nn.Module, batch: int, runs: int, size: int = 224) -> dict:
+    """Dense and pruned latency (alternating, median of ``runs`` each) and MACs at ``batch``."""
+    x = torch.randn(batch, 3, size, size)
+    dense, fast = [], []
+    for _ in range(runs):
+        dense.append(_median_ms(model, x, 1))
+        fast.append(_median_ms(pruned, x, 1))
+    d_ms, p_ms = statistics.median(dense), statistics.median(fast)
+    macs_d, macs_p = count_work(model, x[:1])["macs"], count_work(pruned, x[:1])["macs"]
+    return {"batch": batch, "dense_ms": d_ms, "papr_ms": p_ms, "speedup": d_ms / p_ms, "macs_ratio": macs_d / macs_p}
+
+
+def table(rows: list[dict], z: float, threads: int) -> str:
+    lines = [f"| model | z | batch | dense ms | PaPr ms (incl. proposal) | speedup | MACs ratio (dense / PaPr) |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| vit_b_16 @224 | {z} | {r['batch']} | {r['dense_ms']:.1f} | {r['papr_ms']:.1f} | "
+                     f"{r['speedup']:.2f}x | {r['macs_ratio']:.2f}x |")
+    return "\n".join(lines) + f"\n\n(torch {torch.__version__}, CPU, {threads} thread(s); proposal {PROPOSAL})"
+
+
+@pytest.mark.parametrize("batch", [1, 8])
+def test_papr_vit_b16_latency(benchmark, batch: int) -> None:
+    model, pruned = build()
+    runs = 3 if batch == 1 else 2
+    row = benchmark.pedantic(measure, args=(model, pruned, batch, runs), rounds=1, iterations=1)
+    benchmark.extra_info.update(row)
+    print("\n" + table([row], 0.5, torch.get_num_threads()))
+    assert row["macs_ratio"] > 1.5  # half the tokens: the MACs really went down
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--keep", type=float, default=0.5)
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    model, pruned = build(args.keep)
+    rows = [measure(model, pruned, b, args.runs) for b in args.batches]
+    print(table(rows, args.keep, args.threads))
+
+
+if __name__ == "__main__":
+    main()
