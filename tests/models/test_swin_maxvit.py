@@ -98,3 +98,87 @@ def test_swin_channels_stage_prunes_heads(v2: bool, target: str) -> None:
     assert ratio < 0.9
     if target == "flops":
         assert 0.49 <= 1 - ratio <= 0.51
+
+
+def small_maxvit() -> torch.nn.Module:
+    """Two stages of 16 and 32 channels with head_dim 8 (2 and 4 heads), 2x2 partitions on 8x8 and 4x4 maps."""
+    from torchvision.models.maxvit import MaxVit
+
+    torch.manual_seed(0)
+    model = MaxVit(input_size=(32, 32), stem_channels=8, partition_size=2, block_channels=[16, 32], block_layers=[1, 1],
+                   head_dim=8, stochastic_depth_prob=0.0, num_classes=5).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("relative_position_bias_table"):
+                p.normal_()
+    return model
+
+
+def _maxvit_attention(gm: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    from torchvision.models.maxvit import RelativePositionalMultiHeadAttention
+
+    return {n: m for n, m in gm.named_modules() if isinstance(m, RelativePositionalMultiHeadAttention)}
+
+
+def test_maxvit_heads_are_units_and_embedding_frozen() -> None:
+    model = small_maxvit()
+    a = analyze_model(model, _x())
+    paths = list(_maxvit_attention(model))
+    assert len(paths) == 4  # a window and a grid attention per stage
+    for path in paths:
+        assert not frozen_of(a, f"@{path}:0:0").any()  # heads
+        assert frozen_of(a, f"@{path}:0:1").all() and frozen_of(a, f"@{path}:0:2").all()  # LayerNorm / residual
+        assert any("LayerNorm" in r for g in {int(a.space_group[a.index[fxprune.graph.space.Space.parse(f'@{path}:0:1')]])}
+                   for r in a.group_reasons(g))
+
+
+@pytest.mark.parametrize("target", ["sparsity", "flops"])
+def test_maxvit_channels_stage_prunes_heads(target: str) -> None:
+    from fxprune.ops.maxvit_attention import PrunedRelPosAttention
+
+    model, x = small_maxvit(), _x()
+    before = count_work(model, x)
+    pruned = prune_and_check(model, channel_recipe(0.5, target), x)
+    original = _maxvit_attention(model)
+    after = _maxvit_attention(pruned)
+    assert after.keys() == original.keys()
+    removed = 0
+    for path, m in after.items():
+        o = original[path]
+        assert m.head_dim == o.head_dim and 1 <= m.n_heads <= o.n_heads
+        assert m.to_qkv.weight.shape == (3 * m.n_heads * m.head_dim, o.to_qkv.in_features)
+        assert m.merge.weight.shape == (o.merge.out_features, m.n_heads * m.head_dim)
+        assert m.relative_position_bias_table.shape == (o.relative_position_bias_table.shape[0], m.n_heads)
+        removed += o.n_heads - m.n_heads
+        assert isinstance(m, PrunedRelPosAttention) or m.n_heads == o.n_heads
+    assert removed > 0
+    ratio = count_model(pruned)["macs"] / before["macs"]
+    assert ratio < 0.9
+    if target == "flops":
+        assert 0.49 <= 1 - ratio <= 0.51
+
+
+def test_pruned_swin_compiles_fullgraph_without_graph_breaks() -> None:
+    model, x = small_swin(v2=True), _x()
+    pruned = fxprune.compile(model, channel_recipe(0.5), example_inputs=x)
+    assert any(n.args[5] < 4 for n in _attention_nodes(pruned))  # heads really went
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(pruned)(x)
+    assert explained.graph_break_count == 0, explained.break_reasons
+    compiled = torch.compile(pruned, backend="aot_eager", fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), pruned(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("build", [functools.partial(small_swin, True), small_maxvit], ids=["swin_v2", "maxvit"])
+def test_save_load_round_trip_replays_head_pruning(build, tmp_path) -> None:
+    model, x = build(), _x()
+    pruned = fxprune.compile(model, channel_recipe(0.5, "flops"), example_inputs=x)
+    with torch.no_grad():  # stands in for fine-tuning: the saved weights are not the sliced originals
+        for p in pruned.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    path = fxprune.save(pruned, tmp_path / "model.fxp", example_inputs=x)
+    loaded = fxprune.load(path, build, example_inputs=x)
+    assert {k: v.shape for k, v in loaded.state_dict().items()} == {k: v.shape for k, v in pruned.state_dict().items()}
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), pruned(x))
