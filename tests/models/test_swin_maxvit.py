@@ -182,3 +182,30 @@ def test_save_load_round_trip_replays_head_pruning(build, tmp_path) -> None:
     assert {k: v.shape for k, v in loaded.state_dict().items()} == {k: v.shape for k, v in pruned.state_dict().items()}
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), pruned(x))
+
+
+HEADS_RECIPE = {"stages": [{"kind": "heads", "target": {"sparsity": 0.5}, "criterion": "l2"}]}
+
+
+@pytest.mark.parametrize("v2", [False, True], ids=["v1", "v2"])
+def test_swin_heads_stage_removes_half_the_heads_and_nothing_else(v2: bool) -> None:
+    model, x = small_swin(v2), _x()
+    before = count_work(model, x)
+    pruned = prune_and_check(model, HEADS_RECIPE, x)
+    assert [n.args[5] for n in _attention_nodes(pruned)] == [2, 2, 2, 2]
+    shrunk = {k.split(":")[0] for k in pruned.fxprune_plan.kept if k.startswith("@")}
+    assert shrunk and all(".attn." in k for k in shrunk), shrunk  # no MLP, no embedding channel
+    table = ("cpb_mlp.2.weight", 0) if v2 else ("relative_position_bias_table", 1)
+    sizes = [v.shape[table[1]] for k, v in pruned.state_dict().items() if k.endswith(table[0])]
+    assert sizes == [2, 2, 2, 2]
+    assert count_model(pruned)["macs"] < before["macs"]
+
+
+def test_maxvit_heads_stage_removes_half_the_heads_and_nothing_else() -> None:
+    model, x = small_maxvit(), _x()
+    before = count_work(model, x)
+    pruned = prune_and_check(model, HEADS_RECIPE, x)
+    heads = {p: (m.n_heads, m.relative_position_bias_table.shape[1]) for p, m in _maxvit_attention(pruned).items()}
+    assert sorted(heads.values()) == [(1, 1), (1, 1), (2, 2), (2, 2)]  # 2 and 4 heads per stage, halved
+    assert all(".attn_layer.1" in k for k in pruned.fxprune_plan.kept if k.startswith("@"))
+    assert count_model(pruned)["macs"] < before["macs"]
