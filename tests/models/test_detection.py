@@ -33,12 +33,13 @@ CASES: dict[str, tuple[Callable[[], nn.Module], int, bool]] = {
     "fasterrcnn_mobilenet_v3_large_fpn": (
         lambda: detection.fasterrcnn_mobilenet_v3_large_fpn(**DET, box_score_thresh=0.0), 128, True),
     "retinanet_resnet50_fpn": (lambda: detection.retinanet_resnet50_fpn(**DET, score_thresh=0.0), 128, True),
-    "fcos_resnet50_fpn": (lambda: detection.fcos_resnet50_fpn(**DET, score_thresh=0.0), 128, True),
     "ssdlite320_mobilenet_v3_large": (
         lambda: detection.ssdlite320_mobilenet_v3_large(**SMALL, score_thresh=0.0), 96, True),
     "deeplabv3_mobilenet_v3_large": (lambda: segmentation.deeplabv3_mobilenet_v3_large(**SMALL), 96, False),
     "fcn_resnet50": (lambda: segmentation.fcn_resnet50(**SMALL), 64, False),
     "lraspp_mobilenet_v3_large": (lambda: segmentation.lraspp_mobilenet_v3_large(**SMALL), 96, False),
+    # last: the save/load test reuses its cached result (same xdist group)
+    "fcos_resnet50_fpn": (lambda: detection.fcos_resnet50_fpn(**DET, score_thresh=0.0), 128, True),
 }
 FLOPS = 0.5
 RECIPE = {"submodule": "backbone", "stages": [{"kind": "channels", "target": {"flops": FLOPS}}]}
@@ -167,6 +168,7 @@ def test_fcos_groupnorm_tower_called_per_level() -> None:
     assert set(out[0]) == {"boxes", "scores", "labels"} and out[0]["boxes"].shape[1] == 4
 
 
+@pytest.mark.xdist_group("detection")
 def test_save_load_round_trip_fcos(tmp_path) -> None:
     """The file stores the submodule path and the backbone's input shapes; load replays the same backbone."""
     model, inputs, pruned = _pruned("fcos_resnet50_fpn")
