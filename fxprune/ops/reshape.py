@@ -19,6 +19,7 @@ from torch import nn
 from ..graph.coupling import Coupling, Tie, make_tie
 from ..graph.space import Port, arange
 from ..passes.context import RewriteContext
+from ..trace import spec_of
 from .registry import OpRule, arg, register_op
 
 
@@ -94,8 +95,13 @@ def _sizes_args(node: fx.Node) -> tuple[int, list]:
     return 1, list(node.args[1:])
 
 
-def _rewrite_sizes(sizes: list, new_shape: tuple[int, ...]) -> list:
-    return [new_shape[d] if isinstance(s, int) and s != -1 else s for d, s in enumerate(sizes)]
+def _rewrite_sizes(sizes: list, new_shape: tuple[int, ...], old_shape: tuple[int, ...] | None = None) -> list:
+    """Constant sizes become the new ones; a size computed in the graph (a node) is replaced only where that dim
+    shrank, since its source need not shrink with it (``reshape(B, N, C)`` with ``C`` read off the input, after
+    attention heads were removed)."""
+    old_shape = old_shape or new_shape
+    return [new_shape[d] if (isinstance(s, int) and s != -1) or (isinstance(s, fx.Node) and new_shape[d] != old_shape[d])
+            else s for d, s in enumerate(sizes)]
 
 
 @register_op(torch.flatten, torch.squeeze, torch.unsqueeze, torch.reshape, torch.unflatten, nn.Flatten,
@@ -112,13 +118,13 @@ class ReshapeRule(OpRule):
         return [p for p in (c.port(node.args[0]), c.out()) if p is not None]
 
     def rewrite_node(self, node: fx.Node, r: RewriteContext) -> None:
-        new_shape = r.shape(node)
+        new_shape, old_shape = r.shape(node), spec_of(node).shape
         if node.target in ("view", "reshape") or node.target is torch.reshape:
             if node.target is torch.reshape:
-                node.args = (node.args[0], tuple(_rewrite_sizes(list(arg(node, 1, "shape")), new_shape)))
+                node.args = (node.args[0], tuple(_rewrite_sizes(list(arg(node, 1, "shape")), new_shape, old_shape)))
                 return
             _, sizes = _sizes_args(node)
-            node.args = (node.args[0], *_rewrite_sizes(sizes, new_shape))
+            node.args = (node.args[0], *_rewrite_sizes(sizes, new_shape, old_shape))
         elif node.target in ("unflatten", torch.unflatten):
             dim = arg(node, 1, "dim") % len(r.shape(node.args[0]))
             sizes = list(arg(node, 2, "sizes"))
