@@ -209,3 +209,30 @@ def test_maxvit_heads_stage_removes_half_the_heads_and_nothing_else() -> None:
     assert sorted(heads.values()) == [(1, 1), (1, 1), (2, 2), (2, 2)]  # 2 and 4 heads per stage, halved
     assert all(".attn_layer.1" in k for k in pruned.fxprune_plan.kept if k.startswith("@"))
     assert count_model(pruned)["macs"] < before["macs"]
+
+
+class _OddWindowAttention(torch.nn.Module):
+    """Calls torchvision's window attention with a 3-D bias ``[heads, N, N]``: legal, but not the layout the rule
+    knows, so its heads must stay frozen (with the node named), and pruning must still be exact elsewhere."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 8))
+        self.qkv, self.proj = torch.nn.Linear(8, 24), torch.nn.Linear(8, 8)
+        self.bias = torch.nn.Parameter(torch.randn(2, 4, 4))
+        self.out = torch.nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = swin.shifted_window_attention(self.inp(x), self.qkv.weight, self.proj.weight, self.bias, [2, 2], 2, [0, 0],
+                                          qkv_bias=self.qkv.bias, proj_bias=self.proj.bias, training=False)
+        return self.out(y.mean((1, 2)))
+
+
+def test_unknown_window_attention_layout_freezes_heads_with_the_node_named() -> None:
+    model, x = _OddWindowAttention().eval(), torch.randn(2, 4, 4, 8)
+    a = analyze_model(model, x)
+    assert frozen_of(a, "@qkv.weight:0:0").all() and frozen_of(a, "@bias:0:0").all()
+    reasons = a.group_reasons(int(a.space_group[a.index[fxprune.graph.space.Space.parse("@qkv.weight:0:0")]]))
+    assert any("window_attention cannot shrink" in r and "shifted_window_attention" in r for r in reasons), reasons
+    pruned = prune_and_check(model, channel_recipe(0.5), x)  # the MLP in front still prunes exactly
+    assert pruned.get_submodule("inp.0").out_features == 8
