@@ -118,13 +118,17 @@ class PrunedMultiheadAttention(nn.Module):
                 attn_mask: Optional[torch.Tensor] = None, average_attn_weights: bool = True,
                 is_causal: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Same signature and results as ``nn.MultiheadAttention.forward`` (2-D ``attn_mask`` only)."""
+        packed = query is key and key is value  # self-attention: one packed projection
         if not self.batch_first:
             query, key, value = (t.transpose(0, 1) for t in (query, key, value))
         b, n_q, n_k = query.shape[0], query.shape[1], key.shape[1]
         h, dq = self.num_heads, self.num_heads * self.qk_dim
         w, bias = self.in_proj_weight, self.in_proj_bias
-        parts = (slice(0, dq), slice(dq, 2 * dq), slice(2 * dq, None))
-        q, k, v = (F.linear(t, w[p], None if bias is None else bias[p]) for t, p in zip((query, key, value), parts))
+        if packed:
+            q, k, v = F.linear(query, w, bias).split([dq, dq, h * self.v_dim], -1)
+        else:
+            parts = (slice(0, dq), slice(dq, 2 * dq), slice(2 * dq, None))
+            q, k, v = (F.linear(t, w[p], None if bias is None else bias[p]) for t, p in zip((query, key, value), parts))
         q = q.reshape(b, n_q, h, self.qk_dim).transpose(1, 2)
         k = k.reshape(b, n_k, h, self.qk_dim).transpose(1, 2)
         v = v.reshape(b, n_k, h, self.v_dim).transpose(1, 2)
