@@ -135,14 +135,11 @@ class BlockSparseLinear(nn.Module):
             self.refresh_dense_cache()
         return self
 
-    def _use_dense_cache(self, x: torch.Tensor) -> bool:
-        """CPU, eval mode and no gradient wanted for ``values``: the cached dense weight is exact and fastest."""
-        return (x.device.type == "cpu" and not self.training
-                and not (torch.is_grad_enabled() and self.values.requires_grad))
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._use_dense_cache(x):
-            if not torch.compiler.is_compiling() and self._cache_version != self.values._version:
+        values = self.values
+        # CPU, eval mode and no gradient wanted for the blocks: the cached dense weight is exact and fastest.
+        if x.is_cpu and not self.training and not (torch.is_grad_enabled() and values.requires_grad):
+            if not torch.compiler.is_compiling() and self._cache_version != values._version:
                 self.refresh_dense_cache()
             return F.linear(x, self.dense_cache, self.bias)
         return torch.ops.fxprune.blocksparse_linear(

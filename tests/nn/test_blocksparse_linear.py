@@ -137,3 +137,37 @@ def test_fine_tuning_keeps_block_sparsity_and_compiles():
     after = layer.to_dense()
     assert not torch.allclose(after, before)  # the stored blocks were trained
     assert torch.count_nonzero(after * ~expand_mask(mask, (32, 32))) == 0  # pruned blocks stay zero
+
+
+def test_cpu_inference_uses_a_dense_cache_that_follows_the_blocks():
+    linear, mask = make_layer(block_shape=(32, 32))
+    layer = BlockSparseLinear.from_dense(linear, mask).eval()
+    x = torch.randn(4, 128)
+    masked = linear.weight.detach() * expand_mask(mask, (32, 32))
+    assert "dense_cache" not in layer.state_dict()  # never saved: the state dict holds the blocks only
+    torch.testing.assert_close(layer.dense_cache, masked, atol=0, rtol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), F.linear(x, masked, linear.bias), atol=1e-5, rtol=1e-5)
+        layer.values.mul_(2)  # an in-place change bumps the version counter: the next eager call rebuilds
+        torch.testing.assert_close(layer(x), F.linear(x, 2 * masked, linear.bias), atol=1e-5, rtol=1e-5)
+    # loading blocks rebuilds it as well
+    other = BlockSparseLinear.from_dense(make_layer(seed=5)[0], mask)
+    layer.load_state_dict(other.state_dict())
+    torch.testing.assert_close(layer.dense_cache, other.to_dense(), atol=0, rtol=0)
+
+
+def test_compiled_inference_reads_the_cache_refreshed_by_eval():
+    torch._dynamo.reset()
+    linear, mask = make_layer(block_shape=(16, 32))
+    layer = BlockSparseLinear.from_dense(linear, mask).eval()
+    x = torch.randn(3, 128)
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), layer.to_linear()(x), atol=1e-5, rtol=1e-5)
+    layer.train()
+    opt = torch.optim.SGD(layer.parameters(), lr=0.1)
+    F.mse_loss(layer(x), torch.zeros(3, 96)).backward()  # training mode: the custom op, gradients reach values
+    opt.step()
+    layer.eval()  # rebuilds the cache in place, so the compiled graph sees the new blocks
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), layer.to_linear()(x), atol=1e-5, rtol=1e-5)
