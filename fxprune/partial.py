@@ -45,7 +45,8 @@ def resolve_submodule(model: nn.Module, path: str) -> nn.Module:
     for part in path.split("."):
         children = dict(module.named_children())
         if part not in children:
-            where = f"'{'.'.join(walked)}' ({type(module).__name__})" if walked else f"the model ({type(model).__name__})"
+            where = (f"'{'.'.join(walked)}' ({type(module).__name__})" if walked
+                     else f"the model ({type(model).__name__})")
             close = difflib.get_close_matches(part, children, n=1)
             hint = f"did you mean '{'.'.join(walked + [close[0]])}'? " if close else ""
             raise FxPruneError(f"recipe submodule '{path}': {where} has no submodule '{part}'; {hint}"
@@ -68,20 +69,23 @@ def _positional(module: nn.Module, path: str, args: tuple, kwargs: dict) -> tupl
     try:
         bound = inspect.signature(module.forward).bind(*args, **kwargs)
     except TypeError as exc:
-        raise FxPruneError(f"recipe submodule '{path}' was called with arguments its forward does not accept: {exc}") from exc
+        raise FxPruneError(f"recipe submodule '{path}' was called with arguments its forward does not accept: "
+                           f"{exc}") from exc
     out: list[Any] = []
     for name, param in inspect.signature(module.forward).parameters.items():
         if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD, param.KEYWORD_ONLY):
             if name in bound.arguments:
                 raise FxPruneError(f"recipe submodule '{path}' ({type(module).__name__}) gets '{name}' as "
-                                   f"{param.kind.description} argument; a traced submodule takes positional inputs only")
+                                   f"{param.kind.description} argument; a traced submodule takes positional "
+                                   f"inputs only")
             continue
         out.append(bound.arguments.get(name, param.default))
     return tuple(out)
 
 
 def capture_inputs(model: nn.Module, path: str, inputs: tuple) -> tuple[tuple, Any]:
-    """Run ``model(*inputs)`` (eval mode, restored after; no grad) and return (the submodule's first-call inputs, the model's output).
+    """Run ``model(*inputs)`` (eval mode, restored after; no grad); return (the submodule's first-call inputs as
+    a positional tuple, the model's output).
 
     Raises ``FxPruneError`` naming ``path`` when the submodule is never called, ``ExampleInputsError`` when the
     model does not run on ``inputs``.

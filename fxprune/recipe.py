@@ -199,8 +199,9 @@ class Recipe:
         if not isinstance(data, dict):
             raise RecipeError("<root>", f"must be a mapping with 'stages', got {type(data).__name__}")
         if "scope" in data:  # the spelling; at the root it would shadow stages[i].scope (local/global/module)
-            raise RecipeError("scope", "unknown field; the submodule to prune is the recipe field 'submodule' (e.g. "
-                              "submodule: backbone); 'scope' exists only per stage (stages[i].scope: local/global/module)")
+            raise RecipeError("scope", "unknown field; the submodule to prune is the recipe field 'submodule' "
+                              "(e.g. submodule: backbone); 'scope' exists only per stage (stages[i].scope: "
+                              "local/global/module)")
         _check_keys(data, cls, "")
         stages = data.get("stages")
         if not isinstance(stages, list) or not stages:
@@ -215,8 +216,8 @@ class Recipe:
                 raise RecipeError(f"{path}.kind", f"unknown stage kind '{kind}'; available: {', '.join(sorted(_STAGES))}")
             _check_keys(s, _STAGES[kind], path)
             parsed.append(_STAGES[kind](**s))
-        return cls(stages=parsed, version=data.get("version", RECIPE_VERSION), leaf_modules=data.get("leaf_modules", []),
-                   submodule=data.get("submodule", ""))
+        return cls(stages=parsed, version=data.get("version", RECIPE_VERSION),
+                   leaf_modules=data.get("leaf_modules", []), submodule=data.get("submodule", ""))
 
     @classmethod
     def from_file(cls, path: Union[str, Path]) -> "Recipe":

@@ -97,7 +97,8 @@ def save(pruned: nn.Module, path: Union[str, Path], *, leaf_modules: Sequence[st
     module = _unwrap(pruned)
     # Clones: safetensors refuses tensors that share storage (tied weights); loading fills every key again.
     # A scoped model may hold a torch.compile'd submodule: its keys lose the wrapper's "_orig_mod." part.
-    tensors = {k.replace("_orig_mod.", ""): v.detach().to("cpu").contiguous().clone() for k, v in module.state_dict().items()}
+    tensors = {k.replace("_orig_mod.", ""): v.detach().to("cpu").contiguous().clone()
+               for k, v in module.state_dict().items()}
     submodule = getattr(module, "fxprune_submodule", "")  # set by partial tracing (compile and load)
     inputs = _input_specs(module, submodule, example_inputs)
     from . import __version__
@@ -201,8 +202,8 @@ def load(path: Union[str, Path], model_or_constructor: Union[nn.Module, Callable
         if meta["submodule"]:  # partial tracing: replay on the same submodule, return the whole model
             from .partial import capture_inputs, replay_submodule
 
-            gm = replay_submodule(model, meta["submodule"], plan, meta["leaf_modules"],
-                                  inputs if example_inputs is None else capture_inputs(model, meta["submodule"], inputs)[0])
+            sub_inputs = inputs if example_inputs is None else capture_inputs(model, meta["submodule"], inputs)[0]
+            gm = replay_submodule(model, meta["submodule"], plan, meta["leaf_modules"], sub_inputs)
         else:
             gm = trace(model.eval(), meta["leaf_modules"])
             record_shapes(gm, inputs)

@@ -245,7 +245,8 @@ def test_scope_errors_name_the_path() -> None:
     stages = [{"target": {"sparsity": 0.5}}]
     with pytest.raises(fxprune.FxPruneError, match=r"'bdy'.*did you mean 'body'"):
         fxprune.compile(model, {"submodule": "bdy", "stages": stages}, example_inputs=x)
-    with pytest.raises(fxprune.FxPruneError, match=r"'body\.stem\.7'.*'body\.stem' \(Sequential\) has no submodule '7'"):
+    with pytest.raises(fxprune.FxPruneError, match=r"'body\.stem\.7'.*'body\.stem' \(Sequential\) has no "
+                                                   r"submodule '7'"):
         fxprune.compile(model, {"submodule": "body.stem.7", "stages": stages}, example_inputs=x)
     with pytest.raises(fxprune.FxPruneError, match=r"'unused' \(Linear\) was never called"):
         fxprune.compile(model, {"submodule": "unused", "stages": stages}, example_inputs=x)
@@ -276,7 +277,8 @@ def test_recipe_root_scope_points_to_submodule() -> None:
 
 
 def test_recipe_submodule_round_trips(tmp_path) -> None:
-    recipe = fxprune.Recipe.load({"submodule": "backbone.body", "stages": [{"target": {"flops": 0.3}, "scope": "global"}]})
+    recipe = fxprune.Recipe.load({"submodule": "backbone.body",
+                                  "stages": [{"target": {"flops": 0.3}, "scope": "global"}]})
     assert recipe.to_dict()["submodule"] == "backbone.body"
     again = fxprune.Recipe.load(recipe.to_dict())
     assert again == recipe and again.to_json() == recipe.to_json()
