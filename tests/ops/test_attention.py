@@ -99,3 +99,26 @@ def test_matmul_macs_count_both_products() -> None:
     assert base == fused  # q@kᵀ and attn@v (manual) count what sdpa counts: B·H·N·N·(D + D)
     linears = 2 * 6 * (8 * 32 + 32 * 96 + 32 * 32 + 32 * 5)
     assert fused - linears == 2 * 4 * 6 * 6 * 16
+
+
+class SizesFromInput(nn.Module):
+    """Twins-style attention: the merge ``reshape(B, N, C)`` reads ``C`` off the block's input, which keeps its
+    width when heads go, so the rewrite must replace that computed size by the new constant."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv, self.proj, self.heads = nn.Linear(16, 48), nn.Linear(16, 16), 4
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, c)
+        return x + self.proj(out)
+
+
+def test_computed_merge_size_is_rewritten() -> None:
+    pruned = prune_and_check(SizesFromInput().eval(), channel_recipe(0.5), torch.randn(2, 5, 16))
+    assert pruned.qkv.out_features == 24 and pruned.proj.in_features == 8
+    merge = [n for n in pruned.graph.nodes if n.target == "reshape"][-1]
+    assert merge.args[-1] == 8
