@@ -16,7 +16,8 @@ from ..passes.swap_blocksparse import PASS_NAME, mask_to_rows, replay_blockspars
 from ..plan import Plan
 from ..work import count_model
 from .allocate import LayerCurve, allocate, keep_mask
-from .criteria import get_block_criterion
+from .criteria import BlockCosts, get_block_criterion
+from .latency import efficiency_factors, layer_latencies
 from .layers import LinearLayer, select_layers
 from .stage import BlockSparseStage
 
@@ -44,6 +45,12 @@ def block_masks(gm: fx.GraphModule, stage: BlockSparseStage, ctx: ScoreContext) 
     else:
         rates = [layer.block_params for layer in layers]
         target = stage.target_value * sum(layer.n_blocks * layer.block_params for layer in layers)
+    stats: dict[str, float] = {}
+    if stage.latency > 0:  # hardware-aware: blocks of layers slower per MAC are cheaper to remove
+        ms = layer_latencies(layers)
+        factors = efficiency_factors(layers, ms)
+        costs = [BlockCosts(c.score, c.distortion / e ** stage.latency) for c, e in zip(costs, factors)]
+        stats["blocksparse_dense_linear_ms"] = float(sum(ms))
     curves = [LayerCurve.from_scores(c.score, c.distortion, r, stage.max_sparsity) for c, r in zip(costs, rates)]
     try:
         removed, slope = allocate(curves, target)
@@ -52,10 +59,10 @@ def block_masks(gm: fx.GraphModule, stage: BlockSparseStage, ctx: ScoreContext) 
     masks = [keep_mask(c, k, layer.grid) for c, k, layer in zip(curves, removed, layers)]
     total = sum(layer.n_blocks for layer in layers)
     linear_macs = sum(layer.n_blocks * layer.block_macs for layer in layers)
-    stats = {"blocksparse_slope": float(slope),
-             "blocksparse_block_sparsity": sum(removed) / total,
-             "blocksparse_layer_macs_removed": sum(k * layer.block_macs for k, layer in zip(removed, layers)) / linear_macs,
-             "blocksparse_layers": float(sum(k > 0 for k in removed))}
+    removed_macs = sum(k * layer.block_macs for k, layer in zip(removed, layers))
+    stats.update({"blocksparse_slope": float(slope), "blocksparse_block_sparsity": sum(removed) / total,
+                  "blocksparse_layer_macs_removed": removed_macs / linear_macs,
+                  "blocksparse_layers": float(sum(k > 0 for k in removed))})
     return layers, masks, stats
 
 

@@ -53,6 +53,10 @@ class BlockSparseStage:
         ignore: glob patterns of module paths never pruned.
         max_sparsity: at most this fraction of one layer's blocks is removed.
         calibration_batches: at most this many batches of ``data`` are used by ``lpvit``.
+        latency: strength of the hardware-aware term (0 = off). Each chosen layer's dense latency is measured
+            on its weight's device (cached in ``~/.cache/fxprune/latency.json``); a block's distortion is divided
+            by ``e ** latency``, ``e`` = the layer's time per MAC over the average, so layers where a MAC costs
+            more time lose more blocks. ``1``: distortion per unit of time saved. The budget is unchanged.
     """
 
     kind: str = "blocksparse"
@@ -63,6 +67,7 @@ class BlockSparseStage:
     ignore: list = field(default_factory=list)
     max_sparsity: float = 0.9
     calibration_batches: int = 16
+    latency: float = 0.0
     TARGETS: ClassVar[tuple[str, ...]] = ("flops", "sparsity")
     rewrites_graph: ClassVar[bool] = True
 
@@ -91,6 +96,11 @@ class BlockSparseStage:
         n = self.calibration_batches
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise RecipeError(f"{path}.calibration_batches", f"must be an integer >= 1, got {n!r}")
+        b = self.latency
+        if isinstance(b, bool) or not isinstance(b, (int, float)) or not math.isfinite(b) or b < 0:
+            raise RecipeError(f"{path}.latency", f"must be a number >= 0 (0 turns the hardware-aware term off), "
+                                                 f"got {b!r}")
+        self.latency = float(b)
 
     @property
     def target_kind(self) -> str:

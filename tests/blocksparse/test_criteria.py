@@ -1,6 +1,8 @@
 """Block criteria and the one-slope allocation, on toys computed by hand."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -129,3 +131,36 @@ def test_keep_masks_are_nested_in_score_order() -> None:
     assert masks[2].tolist() == [[True, False], [True, False]]
     assert masks[3].tolist() == [[False, False], [True, False]]
     assert curve.k_max == 3  # floor(0.9 * 4)
+
+
+def test_latency_table_is_measured_once_and_cached(tmp_path, monkeypatch) -> None:
+    from fxprune.blocksparse import latency
+
+    monkeypatch.setenv("FXPRUNE_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(latency, "_MEMORY", {})
+    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64), nn.Linear(64, 8)).eval()
+    x = torch.randn(3, 64)
+    gm = _traced(model, x)
+    layers = select_layers(gm, (32, 32), [], [])
+    assert [layer.path for layer in layers] == ["0", "2"]  # the output layer "3" is the head
+    ms = latency.layer_latencies(layers)
+    assert all(t > 0 for t in ms)
+    table = json.loads((tmp_path / "latency.json").read_text())
+    assert len(table) == 2 and sorted(table.values()) == sorted(ms)
+    assert all("|linear|3x" in key for key in table)
+    monkeypatch.setattr(latency, "_MEMORY", {})  # a new process: the JSON table answers, nothing is re-timed
+    (tmp_path / "latency.json").write_text(json.dumps({k: 1.0 + i for i, k in enumerate(sorted(table))}))
+    assert sorted(latency.layer_latencies(layers)) == [1.0, 2.0]
+    # efficiency: time per MAC over the MAC-weighted mean; equal MACs here, so 1 ms vs 2 ms -> 2/3 and 4/3
+    factors = latency.efficiency_factors(layers, [1.0, 2.0])
+    np.testing.assert_allclose(factors, [2 / 3, 4 / 3])
+
+
+def test_latency_term_prunes_slower_layers_more() -> None:
+    # two identical layers; the second is twice as slow per MAC: dividing its distortions by e shifts removals to it
+    score = torch.arange(1.0, 11.0)
+    plain = [LayerCurve.from_scores(score, score, 1.0, 0.9) for _ in range(2)]
+    assert allocate(plain, 10.0)[0] == [5, 5]
+    aware = [LayerCurve.from_scores(score, score / e, 1.0, 0.9) for e in (2 / 3, 4 / 3)]
+    ks, _ = allocate(aware, 10.0)
+    assert sum(ks) == 10 and ks[1] > ks[0]

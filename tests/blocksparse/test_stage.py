@@ -34,7 +34,8 @@ X = torch.randn(2, 5, 64, generator=torch.Generator().manual_seed(0))
 
 def test_defaults_and_json_round_trip() -> None:
     recipe = fxprune.Recipe.load(_stage(target={"flops": 0.25}, block=16, criterion="dimap", modules=["*.fc*"],
-                                        ignore=["head"], max_sparsity=0.8, calibration_batches=4))
+                                        ignore=["head"], max_sparsity=0.8, calibration_batches=4,
+                                        latency=0.5))
     stage = recipe.stages[0]
     assert isinstance(stage, BlockSparseStage) and stage.block == [16, 16] and stage.rewrites_graph
     again = fxprune.Recipe.from_dict(json.loads(recipe.to_json()))
@@ -61,6 +62,8 @@ def test_defaults_and_json_round_trip() -> None:
     ({"max_sparsity": 1.0}, "stages[0].max_sparsity"),
     ({"calibration_batches": 0}, "stages[0].calibration_batches"),
     ({"blocks": [32, 32]}, "stages[0].blocks"),
+    ({"latency": -1}, "stages[0].latency"),
+    ({"latency": "fast"}, "stages[0].latency"),
 ])
 def test_bad_fields_name_the_field(fields: dict, path: str) -> None:
     with pytest.raises(RecipeError) as info:

@@ -151,3 +151,15 @@ def test_channels_then_blocksparse(deit, images, zero_blocks) -> None:
     with torch.no_grad():
         torch.testing.assert_close(pruned(images), zero_blocks(dense, plan.rewrites[0])(images), atol=1e-5, rtol=1e-5)
     assert isinstance(pruned.get_submodule("blocks.0.mlp.fc1"), BlockSparseLinear)
+
+
+def test_hardware_aware_latency_term(deit, images, zero_blocks, tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("FXPRUNE_CACHE_DIR", str(tmp_path))
+    recipe = {"stages": [{"kind": "blocksparse", "target": {"sparsity": 0.5}, "criterion": "l2", "latency": 1.0}]}
+    pruned = fxprune.compile(deit, recipe, example_inputs=images)
+    stats = pruned.fxprune_plan.stats
+    assert stats["blocksparse_dense_linear_ms"] > 0 and abs(stats["blocksparse_layer_macs_removed"] - 0.5) <= 0.01
+    assert (tmp_path / "latency.json").is_file()
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(images), zero_blocks(deit, pruned.fxprune_plan.rewrites[0])(images),
+                                   atol=1e-5, rtol=1e-5)
