@@ -229,6 +229,26 @@ class RelativeBiasRule(OpRule):
         return f"{BIAS_REASON}: {node.format_node()}"
 
 
+class PatchMergingPadRule(OpRule):
+    """``_patch_merging_pad(x[..., H, W, C]) -> [..., H/2, W/2, 4C]``: four strided copies concatenated on channels.
+
+    Channel ``c`` of the input becomes channels ``c, C + c, 2C + c, 3C + c``; leading dims pass; the halved
+    spatial dims are frozen.
+    """
+
+    name = "patch_merging_pad"
+
+    def couple(self, node: fx.Node, c: Coupling) -> None:
+        x, y = c.port(node.args[0]), c.out()
+        if x is None or y is None or x.ndim != y.ndim or y.shape[-1] != 4 * x.shape[-1]:
+            return
+        for d in range(x.ndim - 3):
+            c.tie_dims(x, d, y, d)
+        n = x.shape[-1]
+        for k in range(4):
+            c.tie(x.space(-1), y.space(-1), arange(n), k * n + arange(n))
+
+
 def register_torchvision() -> None:
     """Register torchvision's Swin functions (when torchvision is installed)."""
     try:
@@ -238,6 +258,7 @@ def register_torchvision() -> None:
     _TARGETS.add(swin.shifted_window_attention)
     register_functions(WindowAttentionRule, [swin.shifted_window_attention])
     register_op(swin._get_relative_position_bias)(RelativeBiasRule)
+    register_op(swin._patch_merging_pad)(PatchMergingPadRule)
 
 
 register_torchvision()

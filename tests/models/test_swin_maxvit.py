@@ -236,3 +236,19 @@ def test_unknown_window_attention_layout_freezes_heads_with_the_node_named() -> 
     assert any("window_attention cannot shrink" in r and "shifted_window_attention" in r for r in reasons), reasons
     pruned = prune_and_check(model, channel_recipe(0.5), x)  # the MLP in front still prunes exactly
     assert pruned.get_submodule("inp.0").out_features == 8
+
+
+def test_patch_merging_pad_channels_follow_the_four_copies() -> None:
+    """Swin's ``_patch_merging_pad`` maps channel c to c, C+c, 2C+c, 3C+c: a Linear feeding it prunes exactly."""
+
+    class Merge(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(3, 6), torch.nn.Linear(24, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.b(swin._patch_merging_pad(torch.relu(self.a(x)))).sum((1, 2))
+
+    model, x = Merge().eval(), torch.randn(2, 5, 5, 3)  # odd sizes: the pad path
+    pruned = prune_and_check(model, channel_recipe(0.5), x)
+    assert pruned.a.out_features == 3 and pruned.b.in_features == 12
