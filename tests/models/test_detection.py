@@ -318,3 +318,20 @@ def test_train_mode_kept_and_user_model_untouched() -> None:
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
     assert pruned.body.get_submodule("stem.0").out_channels < body.stem[0].out_channels
     assert_masked_equals_shrunk(model.body, pruned.fxprune_plan, (x,), pruned.body)
+
+
+def test_nested_path_keeps_its_boundary() -> None:
+    """``body.body`` (conv-bn-relu-conv-bn inside ResCatNet): only its hidden channels shrink, the ends stay."""
+    model = Gated().eval()
+    x = torch.randn(2, 3, 12, 12)
+    pruned = fxprune.compile(model, {"submodule": "body.body", "stages": [{"target": {"sparsity": 0.5}}]},
+                             example_inputs=x)
+    inner = pruned.body.body
+    assert isinstance(pruned.body, fxprune.testing.ResCatNet) and isinstance(inner, fx.GraphModule)
+    convs = [m for m in inner.modules() if isinstance(m, nn.Conv2d)]
+    assert [(c.in_channels, c.out_channels) for c in convs] == [(8, 8), (8, 8)]  # 16 hidden -> 8, ends kept
+    sub_inputs, _ = capture_inputs(model, "body.body", (x,))
+    assert_masked_equals_shrunk(model.body.body, pruned.fxprune_plan, sub_inputs, inner)
+    masked = _with_masked(model, "body.body", pruned.fxprune_plan, sub_inputs)
+    with torch.no_grad():
+        _close(pruned(x), masked(x), "whole Gated with body.body pruned")
