@@ -3,11 +3,14 @@ compiles with ``fullgraph=True`` and no graph breaks, survives save/load, and fo
 from __future__ import annotations
 
 import copy
+from collections import Counter
 from pathlib import Path
 
 import pytest
 import torch
+import torchvision
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import fxprune
 from fxprune.nn import BlockSparseLinear
@@ -163,3 +166,42 @@ def test_hardware_aware_latency_term(deit, images, zero_blocks, tmp_path, monkey
     with torch.no_grad():
         torch.testing.assert_close(pruned(images), zero_blocks(deit, pruned.fxprune_plan.rewrites[0])(images),
                                    atol=1e-5, rtol=1e-5)
+
+
+class _OpLog(TorchDispatchMode):
+    """Records the aten ops a forward runs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: Counter = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[str(func.overloadpacket)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_cpu_inference_runs_exactly_the_dense_ops(deit, lpvit_pruned, images) -> None:
+    """No CPU slowdown by construction: in eval mode without gradients the block-sparse model runs the very aten
+    ops of the dense traced model (one dense GEMM per linear layer, no scatter, no per-call densification)."""
+    dense = fxprune.trace(copy.deepcopy(deit).eval())
+    logs = []
+    for model in (dense, lpvit_pruned):
+        with torch.inference_mode(), _OpLog() as log:
+            model(images)
+        logs.append(log.ops)
+    assert logs[0] == logs[1]
+    assert "fxprune.blocksparse_linear" not in logs[1]
+
+
+def test_torchvision_vit_mlp_blocks(zero_blocks) -> None:
+    torch.manual_seed(0)
+    model = torchvision.models.VisionTransformer(image_size=32, patch_size=16, num_layers=2, num_heads=2,
+                                                 hidden_dim=64, mlp_dim=128, num_classes=10).eval()
+    x = torch.randn(2, 3, 32, 32)
+    recipe = {"stages": [{"kind": "blocksparse", "target": {"sparsity": 0.5}, "block": [16, 16]}]}
+    pruned = fxprune.compile(model, recipe, example_inputs=x)
+    entry = pruned.fxprune_plan.rewrites[0]
+    assert set(entry["layers"]) == {f"encoder.layers.encoder_layer_{i}.mlp.{j}" for i in range(2) for j in (0, 3)}
+    assert pruned.fxprune_plan.stats["blocksparse_block_sparsity"] == pytest.approx(0.5, abs=0.01)
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(x), zero_blocks(model, entry)(x), atol=1e-5, rtol=1e-5)
