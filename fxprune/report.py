@@ -29,6 +29,7 @@ class Report:
     macs: tuple[int, int]
     layers: list[tuple[str, str, tuple[int, int], tuple[int, int]]] = field(default_factory=list)
     frozen: list[dict] = field(default_factory=list)
+    submodule: str = ""
 
     @property
     def params_ratio(self) -> float:
@@ -40,7 +41,8 @@ class Report:
 
     def __str__(self) -> str:
         lines = [f"params {self.params[0]:,} -> {self.params[1]:,} ({self.params_ratio:.3f}x)",
-                 f"MACs   {self.macs[0]:,} -> {self.macs[1]:,} ({self.macs_ratio:.3f}x)", "",
+                 f"MACs   {self.macs[0]:,} -> {self.macs[1]:,} ({self.macs_ratio:.3f}x)"
+                 + (f" of submodule '{self.submodule}'" if self.submodule else ""), "",
                  f"{'layer':40s} {'type':18s} {'in':>11s} {'out':>11s}"]
         for name, kind, (i0, o0), (i1, o1) in self.layers:
             lines.append(f"{name:40s} {kind:18s} {f'{i0}->{i1}':>11s} {f'{o0}->{o1}':>11s}")
@@ -52,13 +54,28 @@ class Report:
 
 
 def report(before: nn.Module, after: nn.Module, example_inputs: Any) -> Report:
-    """Compare an original model with its pruned version on ``example_inputs``."""
+    """Compare an original model with its pruned version on ``example_inputs``.
+
+    For a model pruned with a recipe ``submodule`` (a detector's backbone), MACs are those of that submodule on
+    the inputs it receives from one run of the whole model (the rest may not trace); params are whole-model counts.
+    """
     inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+    sub = getattr(getattr(after, "fxprune_recipe", None), "submodule", "") or ""
+    if sub:
+        from .partial import capture_inputs
+
+        sub_inputs, _ = capture_inputs(before, sub, inputs)
+        pairs = [(before.get_submodule(sub), sub_inputs), (after.get_submodule(sub), sub_inputs)]
+    else:
+        pairs = [(before, inputs), (after, inputs)]
     counts = []
-    for model in (before, after):
+    for model, args in pairs:
         gm = trace(copy.deepcopy(model).eval())
-        record_shapes(gm, inputs)
+        record_shapes(gm, args)
         counts.append(count_model(gm))
+    if sub:
+        for c, model in zip(counts, (before, after)):
+            c["params"] = sum(p.numel() for p in model.parameters())
     after_modules = dict(after.named_modules())
     layers = []
     for name, m in before.named_modules():
@@ -69,7 +86,7 @@ def report(before: nn.Module, after: nn.Module, example_inputs: Any) -> Report:
             layers.append((name, type(m).__name__, w0, w1))
     plan = getattr(after, "fxprune_plan", None)
     return Report((counts[0]["params"], counts[1]["params"]), (counts[0]["macs"], counts[1]["macs"]), layers,
-                  list(plan.frozen) if plan is not None else [])
+                  list(plan.frozen) if plan is not None else [], sub)
 
 
 __all__ = ["Report", "report"]

@@ -220,6 +220,9 @@ def test_untraceable_top_keyword_call_and_data() -> None:
         _close(pruned(x), masked(x), "whole Gated")
     with pytest.raises(fxprune.FxPruneError, match="labels"):
         fxprune.compile(model, recipe, example_inputs=x, data=[(x, torch.tensor([0, 1]))])
+    rep = fxprune.report(model, pruned, x)  # the whole model does not trace: MACs are the submodule's
+    assert rep.submodule == "body" and rep.macs_ratio < 0.6 and rep.params_ratio < 1
+    assert "of submodule 'body'" in str(rep)
 
 
 def test_callbacks_see_the_whole_model() -> None:
