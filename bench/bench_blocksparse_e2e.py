@@ -1,10 +1,10 @@
 """End-to-end CPU latency of block-sparse vs dense ViTs (LPViT ``blocksparse`` stage, 32x32 blocks).
 
 Each case prunes timm ``deit_tiny_patch16_224`` (224x224, random weights) with ``lpvit`` at a block sparsity of
-the linear layers (all but the head; ``lpvit`` spreads it unevenly over layers), then times the dense and the block-sparse model *alternately* in one
-process (eager, ``inference_mode``) and reports the median latencies, their ratio (dense / block-sparse: >= 1 means
-no slowdown; also the ratio of thread CPU times, steadier on a busy machine) and the MAC ratios (model and chosen
-linear layers, dense / pruned).
+the linear layers (all but the head; ``lpvit`` spreads it unevenly over layers), then times the dense and the
+block-sparse model *alternately* in one process (eager, ``inference_mode``) and reports the median latencies,
+their ratio (dense / block-sparse: >= 1 means no slowdown; also the ratio of thread CPU times, steadier on a busy
+machine) and the MAC ratios (model and chosen linear layers, dense / pruned).
 
 Run::
 

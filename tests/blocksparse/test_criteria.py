@@ -164,3 +164,18 @@ def test_latency_term_prunes_slower_layers_more() -> None:
     aware = [LayerCurve.from_scores(score, score / e, 1.0, 0.9) for e in (2 / 3, 4 / 3)]
     ks, _ = allocate(aware, 10.0)
     assert sum(ks) == 10 and ks[1] > ks[0]
+
+
+def test_lpvit_uses_at_most_calibration_batches_and_ignores_labels() -> None:
+    model = _toy()
+    gen = torch.Generator().manual_seed(3)
+    batches = [torch.randn(3, 4, generator=gen) for _ in range(3)]
+    gm = _traced(model, batches[0])
+    layers = select_layers(gm, (2, 2), ["lin"], [])
+    crit = get_block_criterion("lpvit")
+    first_two = crit.costs(gm, layers, ScoreContext(data=batches[:2]), 8)[0]
+    capped = crit.costs(gm, layers, ScoreContext(data=batches), 2)[0]
+    labeled = crit.costs(gm, layers, ScoreContext(data=[(b, torch.zeros(3, dtype=torch.long)) for b in batches]), 2)[0]
+    everything = crit.costs(gm, layers, ScoreContext(data=batches), 8)[0]
+    assert torch.equal(first_two.distortion, capped.distortion) and torch.equal(capped.score, labeled.score)
+    assert not torch.allclose(everything.distortion, capped.distortion)
