@@ -252,3 +252,12 @@ def test_patch_merging_pad_channels_follow_the_four_copies() -> None:
     model, x = Merge().eval(), torch.randn(2, 5, 5, 3)  # odd sizes: the pad path
     pruned = prune_and_check(model, channel_recipe(0.5), x)
     assert pruned.a.out_features == 3 and pruned.b.in_features == 12
+
+
+@pytest.mark.parametrize("build", [functools.partial(small_swin, False), small_maxvit], ids=["swin_v1", "maxvit"])
+def test_a_pruned_model_prunes_again(build) -> None:
+    """The rewritten nodes (``window_attention``) and swapped modules (``PrunedRelPosAttention``) have rules too."""
+    model, x = build(), _x()
+    once = fxprune.compile(model, channel_recipe(0.5), example_inputs=x)
+    twice = prune_and_check(once, channel_recipe(0.3), x)
+    assert count_model(twice)["macs"] < count_model(once)["macs"]
