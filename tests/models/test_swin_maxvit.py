@@ -6,6 +6,7 @@ position bias tables (v1), the continuous-bias MLP (v2) and ``logit_scale`` (v2)
 """
 from __future__ import annotations
 
+import copy
 import functools
 
 import pytest
@@ -118,6 +119,23 @@ def _maxvit_attention(gm: torch.nn.Module) -> dict[str, torch.nn.Module]:
     from torchvision.models.maxvit import RelativePositionalMultiHeadAttention
 
     return {n: m for n, m in gm.named_modules() if isinstance(m, RelativePositionalMultiHeadAttention)}
+
+
+def test_pruned_maxvit_attention_against_torchvision() -> None:
+    """``PrunedRelPosAttention`` keeping every head computes what torchvision's module computes; keeping heads 0 and
+    2 of 4 computes what torchvision's module computes with heads 1 and 3 zeroed by hand (q, k, v rows)."""
+    from fxprune.ops.maxvit_attention import PrunedRelPosAttention
+
+    att = small_maxvit().get_submodule("blocks.1.layers.0.layers.window_attention.attn_layer.1")
+    x = torch.randn(2, 4, 4, 32, generator=torch.Generator().manual_seed(2))
+    every, io = torch.arange(4), torch.arange(32)
+    zeroed = copy.deepcopy(att)
+    with torch.no_grad():
+        rows = torch.cat([part * 32 + torch.arange(h * 8, h * 8 + 8) for part in range(3) for h in (1, 3)])
+        zeroed.to_qkv.weight[rows] = 0
+        zeroed.to_qkv.bias[rows] = 0
+        torch.testing.assert_close(PrunedRelPosAttention.select(att, every, io, io)(x), att(x))
+        torch.testing.assert_close(PrunedRelPosAttention.select(att, torch.tensor([0, 2]), io, io)(x), zeroed(x))
 
 
 def test_maxvit_heads_are_units_and_embedding_frozen() -> None:
