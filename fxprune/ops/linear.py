@@ -6,11 +6,12 @@ import math
 import numpy as np
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
 from torch import nn
 
 from ..graph.coupling import Coupling
 from ..passes.context import RewriteContext, SizeContext
-from .registry import OpRule, register_op
+from .registry import OpRule, arg, register_op
 from .tensor_attr import index_tensor, slice_attr
 
 
@@ -54,3 +55,26 @@ class LinearRule(OpRule):
         m = gm.get_submodule(path)
         out, inp = s.axis(path, 0), s.axis(path, 1)
         return out * inp + (out if m.bias is not None else 0)
+
+
+@register_op(F.linear)
+class FunctionalLinearRule(OpRule):
+    """``F.linear(x, weight, bias)`` on tensors of the graph (e.g. BEiT's ``qkv`` with a concatenated bias): the
+    output features follow the weight's rows and the bias, the input features its columns."""
+
+    name = "linear"
+
+    def couple(self, node: fx.Node, c: Coupling) -> None:
+        x, y = c.port(node.args[0]), c.out()
+        w, b = c.port(arg(node, 1, "weight")), c.port(arg(node, 2, "bias"))
+        if x is None or y is None or w is None or w.ndim != 2:
+            return
+        for d in range(x.ndim - 1):
+            c.tie_dims(x, d, y, d)
+        c.tie_dims(w, 0, y, y.ndim - 1)
+        c.tie_dims(w, 1, x, x.ndim - 1)
+        if b is not None:
+            c.tie_dims(b, 0, y, y.ndim - 1)
+
+    def macs(self, node: fx.Node, s: SizeContext) -> int:
+        return math.prod(s.shape(node)) * s.shape(node.args[0])[-1]

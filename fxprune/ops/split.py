@@ -10,8 +10,11 @@ import torch.fx as fx
 from ..graph.coupling import Coupling
 from ..graph.space import Port, Space, arange
 from ..passes.context import RewriteContext
-from ..trace import spec_of
+from ..trace import TensorSpec, spec_of
 from .registry import OpRule, arg, register_op
+
+
+_INT_DTYPES = (torch.int64, torch.int32)
 
 
 def _items(node: fx.Node, c: Coupling) -> list[Port]:
@@ -116,6 +119,12 @@ class GetItemRule(OpRule):
                     c.tie_dims(x, d, y, d)
             return
         x = c.port(src)
+        if x is not None and isinstance(spec_of(index), TensorSpec) and spec_of(index).dtype in _INT_DTYPES:
+            # ``table[idx]`` (relative position bias tables): rows are gathered, the other dims pass through
+            k = len(spec_of(index).shape)
+            for d in range(1, x.ndim):
+                c.tie_dims(x, d, y, d - 1 + k)
+            return
         entries = _normalize_index(index, x.ndim) if x is not None else None
         if entries is None:
             return
@@ -143,7 +152,7 @@ class GetItemRule(OpRule):
 
     def rewrite_node(self, node: fx.Node, r: RewriteContext) -> None:
         src, index = node.args
-        if isinstance(spec_of(src), tuple):
+        if isinstance(spec_of(src), tuple) or isinstance(index, fx.Node):
             return
         entries = _normalize_index(index, len(spec_of(src).shape))
         new: list[object] = []

@@ -94,3 +94,19 @@ def test_heads_plan_save_load_round_trip(kind: str, tmp_path) -> None:
     with torch.no_grad():
         torch.testing.assert_close(again(X), pruned(X), atol=1e-5, rtol=1e-5)
     assert sum(p.numel() for p in again.parameters()) == sum(p.numel() for p in pruned.parameters())
+
+
+@pytest.mark.parametrize("name,kwargs,size", [
+    ("beit_base_patch16_224", {"depth": 2, "img_size": 32}, 32),  # F.linear qkv with a concatenated bias
+    ("swin_tiny_patch4_window7_224", {"depths": (1, 1, 1, 1), "window_size": 2, "img_size": 64}, 64),
+])
+def test_relative_position_bias_tables_follow_the_heads(name: str, kwargs: dict, size: int) -> None:
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, num_classes=10, **kwargs).eval()
+    x = torch.randn(2, 3, size, size)
+    pruned = prune_and_check(model, HEADS, x)
+    tables = [(n, p) for n, p in pruned.named_parameters() if n.endswith("relative_position_bias_table")]
+    assert tables
+    for n, table in tables:
+        heads = model.get_parameter(n).shape[1]
+        assert table.shape[1] == heads - heads // 2  # the table's head columns follow the kept heads
