@@ -190,3 +190,21 @@ def test_hard_coded_sequence_length_is_rewritten(tiny_proposal: nn.Module) -> No
         q, k, v = model.qkv(t).reshape(2, 8, 3, 16).unbind(2)
         want = model.head((t + torch.softmax(q @ k.transpose(1, 2) / 4, -1) @ v)[:, 0])
         torch.testing.assert_close(pruned(x), want, atol=1e-5, rtol=1e-5)
+
+
+def test_channels_then_patches_composes_and_round_trips(tmp_path, tiny_proposal: nn.Module) -> None:
+    """A channel stage followed by a patches stage equals patches applied to the channel-pruned model, the plan
+    replays as "shrink, then gather", and the combined model survives save/load."""
+    model, x = _deit(), _images(3)
+    channels = {"kind": "channels", "target": {"sparsity": 0.5}}
+    patches = {"kind": "patches", "keep": 0.5, "proposal": "tests:tiny"}
+    both = fxprune.compile(model, {"stages": [channels, patches]}, example_inputs=x[:1])
+    shrunk = fxprune.compile(model, {"stages": [channels]}, example_inputs=x[:1])
+    then = fxprune.compile(shrunk, {"stages": [patches]}, example_inputs=x[:1])
+    assert both.fxprune_plan.kept == shrunk.fxprune_plan.kept and len(both.fxprune_plan.rewrites) == 1
+    path = fxprune.save(both, tmp_path / "both.fxp", example_inputs=x[:1])
+    again = fxprune.load(path, _deit)
+    with torch.no_grad():
+        torch.testing.assert_close(both(x), then(x), atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(again(x), both(x), atol=0, rtol=0)
+        assert not torch.allclose(both(x), shrunk(x), atol=1e-3)
