@@ -279,3 +279,14 @@ def test_a_pruned_model_prunes_again(build) -> None:
     once = fxprune.compile(model, channel_recipe(0.5), example_inputs=x)
     twice = prune_and_check(once, channel_recipe(0.3), x)
     assert count_model(twice)["macs"] < count_model(once)["macs"]
+
+
+@pytest.mark.parametrize("name,size", [("swin_t", 224), ("swin_v2_t", 256), ("maxvit_t", 224)])
+def test_macs_match_torchvision_published_ops(name: str, size: int) -> None:
+    """The window attention and MaxViT attention MAC counts reproduce torchvision's published GFLOPS (``_ops``)."""
+    import torchvision
+
+    model = torchvision.models.get_model(name, weights=None).eval()
+    published = torchvision.models.get_model_weights(name).DEFAULT.meta["_ops"]
+    macs = count_work(model, torch.zeros(1, 3, size, size))["macs"]
+    assert macs / 1e9 == pytest.approx(published, abs=1e-3)
