@@ -122,3 +122,11 @@ def test_computed_merge_size_is_rewritten() -> None:
     assert pruned.qkv.out_features == 24 and pruned.proj.in_features == 8
     merge = [n for n in pruned.graph.nodes if n.target == "reshape"][-1]
     assert merge.args[-1] == 8
+
+
+def test_single_head_attention_prunes_head_dim_with_pinned_scale() -> None:
+    model = nn.Sequential(nn.Linear(8, 32), Attention(32, num_heads=1, qkv_bias=True), nn.Linear(32, 5)).eval()
+    pruned = prune_and_check(model, channel_recipe(0.5, ignore=["0", "2"]), X)
+    assert pruned.get_submodule("1.qkv").out_features == 48  # q, k and v each keep 16 of 32 features
+    sdpa = next(n for n in pruned.graph.nodes if n.target is F.scaled_dot_product_attention)
+    assert sdpa.kwargs["scale"] == pytest.approx(32 ** -0.5)
