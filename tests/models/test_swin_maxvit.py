@@ -1,8 +1,9 @@
 """Reduced-size torchvision Swin (v1, v2) and MaxViT: attention heads are pruning units.
 
-Every test proves the physically pruned model equals the original with the removed heads / channels zeroed
-(``prune_and_check``), and checks what the rewrite did to the attention: ``num_heads`` arguments, the relative
-position bias tables (v1), the continuous-bias MLP (v2) and ``logit_scale`` (v2).
+Pruning tests prove the physically pruned model equals the original with the removed heads / channels zeroed
+(``prune_and_check``) and check what the rewrite did to the attention: ``num_heads`` arguments, the relative
+position bias tables (v1), the continuous-bias MLP (v2), ``logit_scale`` (v2) and MaxViT's modules. Reference tests
+compare fxprune's attention functions with torchvision's, and the MAC counts with torchvision's published GFLOPS.
 """
 from __future__ import annotations
 
@@ -14,8 +15,9 @@ import torch
 from torchvision.models import swin_transformer as swin
 
 import fxprune
+from fxprune.graph.space import Space
 from fxprune.ops.window_attention import window_attention
-from fxprune.testing import analyze_model, channel_recipe, frozen_of, prune_and_check
+from fxprune.testing import analyze_model, channel_recipe, frozen_of, prune_and_check, units_of
 from fxprune.work import count_model, count_work
 
 torch.set_num_threads(1)
@@ -70,7 +72,6 @@ def test_swin_heads_are_units(v2: bool) -> None:
         assert not frozen_of(a, f"@{stage}.{table}").any()
         if v2:
             assert not frozen_of(a, f"@{stage}.logit_scale:0:0").any()
-        from fxprune.testing import units_of
         rows = units_of(a, f"@{stage}.qkv.weight:0:0").reshape(3, 4, -1)  # (q/k/v, head, head_dim)
         assert len(set(rows[:, 0].ravel())) == 1 and len(set(rows[:, :, 0].ravel())) == 4  # one unit per head
 
@@ -146,7 +147,7 @@ def test_maxvit_heads_are_units_and_embedding_frozen() -> None:
     for path in paths:
         assert not frozen_of(a, f"@{path}:0:0").any()  # heads
         assert frozen_of(a, f"@{path}:0:1").all() and frozen_of(a, f"@{path}:0:2").all()  # LayerNorm / residual
-        assert any("LayerNorm" in r for g in {int(a.space_group[a.index[fxprune.graph.space.Space.parse(f'@{path}:0:1')]])}
+        assert any("LayerNorm" in r for g in {int(a.space_group[a.index[Space.parse(f'@{path}:0:1')]])}
                    for r in a.group_reasons(g))
 
 
@@ -250,7 +251,7 @@ def test_unknown_window_attention_layout_freezes_heads_with_the_node_named() -> 
     model, x = _OddWindowAttention().eval(), torch.randn(2, 4, 4, 8)
     a = analyze_model(model, x)
     assert frozen_of(a, "@qkv.weight:0:0").all() and frozen_of(a, "@bias:0:0").all()
-    reasons = a.group_reasons(int(a.space_group[a.index[fxprune.graph.space.Space.parse("@qkv.weight:0:0")]]))
+    reasons = a.group_reasons(int(a.space_group[a.index[Space.parse("@qkv.weight:0:0")]]))
     assert any("window_attention cannot shrink" in r and "shifted_window_attention" in r for r in reasons), reasons
     pruned = prune_and_check(model, channel_recipe(0.5), x)  # the MLP in front still prunes exactly
     assert pruned.get_submodule("inp.0").out_features == 8
