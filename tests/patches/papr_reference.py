@@ -26,11 +26,13 @@ def reference_order(proposal: nn.Module, image: torch.Tensor, grid: tuple[int, i
     return torch.argsort(p.flatten(1), dim=1, descending=True)
 
 
-def reference_token_indices(proposal: nn.Module, image: torch.Tensor, grid: tuple[int, int], z: float) -> torch.Tensor:
-    """PaPr's ``[0] + (argsort(P, descending)[:k - 1] + 1)`` with ``k = int(N * z)``, N counting the class token."""
-    k = int((grid[0] * grid[1] + 1) * z)
-    order = reference_order(proposal, image, grid)[:, : k - 1] + 1
-    return torch.cat([torch.zeros(len(image), 1, dtype=torch.long), order], dim=1)
+def reference_token_indices(proposal: nn.Module, image: torch.Tensor, grid: tuple[int, int], z: float,
+                            prefix: int = 1) -> torch.Tensor:
+    """PaPr's ``[0] + (argsort(P, descending)[:k - 1] + 1)`` with ``k = int(N * z)``, N counting the class token;
+    with ``prefix`` leading tokens (class, distillation, registers) all of them are kept in front."""
+    k = int((grid[0] * grid[1] + prefix) * z)
+    order = reference_order(proposal, image, grid)[:, : k - prefix] + prefix
+    return torch.cat([torch.arange(prefix).expand(len(image), prefix), order], dim=1)
 
 
 def take(tokens: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:

@@ -208,3 +208,23 @@ def test_channels_then_patches_composes_and_round_trips(tmp_path, tiny_proposal:
         torch.testing.assert_close(both(x), then(x), atol=1e-6, rtol=1e-6)
         torch.testing.assert_close(again(x), both(x), atol=0, rtol=0)
         assert not torch.allclose(both(x), shrunk(x), atol=1e-3)
+
+
+@pytest.mark.parametrize("name, options, prefix", [
+    ("deit_tiny_distilled_patch16_224", {}, 2),                              # class + distillation token
+    ("vit_tiny_patch16_224", {"reg_tokens": 4}, 5),                          # class + 4 register tokens
+    ("vit_tiny_patch16_224", {"class_token": False, "global_pool": "avg"}, 0),  # no class token
+])
+def test_timm_prefix_tokens_are_all_kept(name: str, options: dict, prefix: int, tiny_proposal: nn.Module) -> None:
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, img_size=32, patch_size=8, depth=1, num_classes=10,
+                              **options).eval()
+    x = _images(3)
+    pruned = fxprune.compile(model, _recipe(0.5), example_inputs=x[:1])
+    entry = pruned.fxprune_plan.rewrites[0]
+    assert entry["prefix"] == prefix and entry["tokens"] == int((16 + prefix) * 0.5)
+    idx = reference_token_indices(tiny_proposal, x, GRID, 0.5, prefix)
+    with torch.no_grad():
+        t = take(model._pos_embed(model.patch_embed(x)), idx)
+        want = model.forward_head(model.norm(model.blocks(model.norm_pre(t))))
+        torch.testing.assert_close(pruned(x), want, atol=1e-5, rtol=1e-5)
