@@ -228,3 +228,16 @@ def test_timm_prefix_tokens_are_all_kept(name: str, options: dict, prefix: int, 
         t = take(model._pos_embed(model.patch_embed(x)), idx)
         want = model.forward_head(model.norm(model.blocks(model.norm_pre(t))))
         torch.testing.assert_close(pruned(x), want, atol=1e-5, rtol=1e-5)
+
+
+def test_train_mode_fine_tunes_the_vit_and_freezes_the_proposal(tiny_proposal: nn.Module) -> None:
+    model, x = _deit().train(), _images(3)
+    pruned = fxprune.compile(model, _recipe(0.5), example_inputs=x[:1])
+    significance = pruned.get_submodule(SUBMODULE)
+    assert pruned.training and significance.training and not significance.proposal.training
+    pruned(x).square().mean().backward()
+    assert all(p.grad is None for p in significance.proposal.parameters())  # no gradient into the proposal
+    assert pruned.pos_embed.grad is not None and pruned.pos_embed.grad.abs().sum() > 0
+    before = significance.proposal.body[1].running_mean.clone()
+    pruned(x)
+    assert torch.equal(significance.proposal.body[1].running_mean, before)  # BatchNorm statistics untouched
