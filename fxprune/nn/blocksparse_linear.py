@@ -10,7 +10,7 @@ CPU inference: PyTorch has no CPU block-sparse product faster than a dense GEMM 
 ViT sizes and moderate sparsity, so in eval mode, without gradients, a CPU forward
 is ``F.linear`` with a cached dense weight materialised from the kept blocks (a
 non-persistent buffer: never saved; the state dict holds the blocks only). The
-cache is rebuilt by ``eval()``, ``load_state_dict`` and ``refresh_dense_cache()``,
+cache is rebuilt by ``eval()``, ``load_state_dict``, ``.to()`` and ``refresh_dense_cache()``,
 and, in eager mode, whenever ``values`` changed since it was built (its version
 counter). Training mode or gradients on ``values`` always use the custom op, so
 fine-tuning updates the blocks. Under ``torch.compile`` the version check is
@@ -61,8 +61,8 @@ class BlockSparseLinear(nn.Module):
             self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype))
         else:
             self.register_parameter("bias", None)
-        self.register_buffer("dense_cache", torch.zeros(out_features, in_features, device=device, dtype=dtype),
-                             persistent=False)
+        # built by from_dense / load_state_dict / eval / .to (the block indices above are placeholders until then)
+        self.register_buffer("dense_cache", torch.empty(0, 0, device=device, dtype=dtype), persistent=False)
         self._cache_version = -1
 
     @classmethod
@@ -118,16 +118,29 @@ class BlockSparseLinear(nn.Module):
         return linear
 
     def refresh_dense_cache(self) -> None:
-        """Rebuild the dense weight used by CPU inference from the current blocks."""
+        """Rebuild the dense weight used by CPU inference from the current blocks (an empty tensor off the CPU,
+        where the block kernel runs: no dense copy is held on a GPU)."""
         with torch.inference_mode(False), torch.no_grad():
-            dense = bsr_to_dense(self.values.detach(), self.col_indices, self.row_ptr,
-                                 (self.out_features, self.in_features))
+            if self.values.device.type == "cpu" and int(self.row_ptr[-1]) != self.values.shape[0]:
+                self.dense_cache = self.values.new_empty(0, 0)  # placeholder indices: not built from blocks yet
+                self._cache_version = -1
+                return
+            if self.values.device.type == "cpu":
+                dense = bsr_to_dense(self.values.detach(), self.col_indices, self.row_ptr,
+                                     (self.out_features, self.in_features))
+            else:
+                dense = self.values.new_empty(0, 0)
             if self.dense_cache.shape == dense.shape and self.dense_cache.dtype == dense.dtype \
                     and self.dense_cache.device == dense.device and not self.dense_cache.is_inference():
                 self.dense_cache.copy_(dense)
             else:
                 self.dense_cache = dense
         self._cache_version = self.values._version
+
+    def _apply(self, fn: Any, recurse: bool = True) -> "BlockSparseLinear":
+        super()._apply(fn, recurse)  # .to(device / dtype), .half(), ...: the cache follows the blocks
+        self.refresh_dense_cache()
+        return self
 
     def train(self, mode: bool = True) -> "BlockSparseLinear":
         super().train(mode)

@@ -171,3 +171,27 @@ def test_compiled_inference_reads_the_cache_refreshed_by_eval():
     layer.eval()  # rebuilds the cache in place, so the compiled graph sees the new blocks
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), layer.to_linear()(x), atol=1e-5, rtol=1e-5)
+
+
+def test_dense_cache_follows_dtype_and_device_moves():
+    linear, mask = make_layer(block_shape=(32, 32))
+    layer = BlockSparseLinear.from_dense(linear, mask).eval()
+    x = torch.randn(4, 128, dtype=torch.float64)
+    layer = layer.to(torch.float64)
+    assert layer.dense_cache.dtype == torch.float64
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), layer.to_linear()(x), atol=1e-10, rtol=1e-10)
+    meta = BlockSparseLinear.from_dense(linear, mask).to("meta")  # off the CPU no dense copy is held
+    assert meta.dense_cache.numel() == 0
+    assert meta(torch.empty(4, 128, device="meta")).shape == (4, 96)
+
+
+def test_fresh_module_is_usable_after_loading_blocks():
+    linear, mask = make_layer()
+    fresh = BlockSparseLinear(128, 96, (32, 32), nnz_blocks=3).eval()  # placeholder indices: no cache yet
+    assert fresh.dense_cache.numel() == 0
+    fresh.load_state_dict(BlockSparseLinear.from_dense(linear, mask).state_dict())
+    x = torch.randn(2, 128)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), F.linear(x, linear.weight * expand_mask(mask, (32, 32)), linear.bias),
+                                   atol=1e-5, rtol=1e-5)
