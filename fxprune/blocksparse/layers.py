@@ -49,6 +49,11 @@ class LinearLayer:
         return self.block[0] * self.block[1]
 
 
+def is_linear(m: nn.Module) -> bool:
+    """An ``nn.Linear``, or a subclass that keeps its forward (e.g. ``NonDynamicallyQuantizableLinear``)."""
+    return isinstance(m, nn.Linear) and type(m).forward is nn.Linear.forward
+
+
 def _matches(path: str, patterns: list[str]) -> bool:
     return any(fnmatch.fnmatchcase(path, p) for p in patterns)
 
@@ -82,7 +87,7 @@ def select_layers(gm: fx.GraphModule, block: tuple[int, int], modules: list[str]
     layer is not tiled by ``block``, or when a ``modules`` pattern matches no linear layer."""
     calls: dict[str, list[fx.Node]] = {}
     for node in gm.graph.nodes:
-        if node.op == "call_module" and type(gm.get_submodule(node.target)) is nn.Linear:
+        if node.op == "call_module" and is_linear(gm.get_submodule(node.target)):
             calls.setdefault(node.target, []).append(node)
     for p in modules:
         if not any(fnmatch.fnmatchcase(path, p) for path in calls):

@@ -139,3 +139,21 @@ def test_replay_rejects_a_swapped_module() -> None:
     pruned = fxprune.compile(model, _stage(block=[32, 32], criterion="l2"), example_inputs=X)
     with pytest.raises(PlanError, match="a BlockSparseLinear, not an nn.Linear"):
         replay_blocksparse(pruned, pruned.fxprune_plan.rewrites[0], (X,))
+
+
+class _QuantizableLinear(nn.Linear):
+    """A subclass that keeps ``nn.Linear.forward`` (like torch's ``NonDynamicallyQuantizableLinear``)."""
+
+
+class _OwnForward(nn.Linear):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) * 2
+
+
+def test_linear_subclasses_with_linear_forward_are_pruned() -> None:
+    model = MLP().eval()
+    model.fc1 = _QuantizableLinear(64, 96)
+    model.fc2 = _OwnForward(96, 64)
+    recipe = {**_stage(block=[32, 32], criterion="l2"), "leaf_modules": ["fc2"]}  # fc2 stays one call_module node
+    pruned = fxprune.compile(model, recipe, example_inputs=X)
+    assert set(pruned.fxprune_plan.rewrites[0]["layers"]) == {"fc1"}  # fc2 computes something else: left alone
