@@ -24,6 +24,7 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from ..errors import ExampleInputsError, PlanError, RewriteError
 from ..patches.locate import MlpRegion, TokenSite, check_token_site, find_mlp_regions, find_patch_grid, find_region, find_token_site
+from ..patches.fuse_attention import fuse_first_attention
 from ..patches.proposal import build_proposal, proposal_feature_shape
 from ..patches.select import PatchSignificance, gather_positions, gather_tokens, keep_count, scatter_positions, select_tokens
 from ..trace import TensorSpec, record_shapes, spec_of
@@ -74,7 +75,8 @@ class GatherPatches(PassBase):
     """Insert PaPr patch selection into a traced, shape-recorded graph as ``entry`` says.
 
     Args:
-        entry: ``{"pass": "patches", "keep": z, "proposal": name}`` plus, from a stage, ``"where"`` (``auto``,
+        entry: ``{"pass": "patches", "keep": z, "proposal": name, "attention": "sdpa" | "gathered"}`` plus, from a
+            stage, ``"where"`` (``auto``,
             ``pos_embed``, ``mlp`` or a node name), or, from a plan, the resolved ``"mode"`` and ``"node"`` /
             ``"regions"`` (then nothing is searched for again).
         example_inputs: the inputs whose shapes were recorded; ``ensures`` re-runs them.
@@ -87,6 +89,7 @@ class GatherPatches(PassBase):
         self.example_inputs = tuple(example_inputs)
         self.site: TokenSite | None = None
         self.regions: list[MlpRegion] = []
+        self.kept: fx.Node | None = None
         self.before: Any = None
 
     # -- requires ------------------------------------------------------------------------------------------------
@@ -112,6 +115,9 @@ class GatherPatches(PassBase):
             self.regions = [find_region(gm, first, last) for first, last in self.entry.get("regions", [])]
         else:
             raise PlanError(f"patches: unknown mode {mode!r}; known: {', '.join(MODES)}")
+        if self.entry.get("attention", "sdpa") == "gathered" and self.site is None:
+            raise PlanError("patches: attention 'gathered' applies to ViTs (tokens dropped after the position "
+                            "embedding), not to hierarchical models")
         out = next(n for n in gm.graph.nodes if n.op == "output")
         self.before = [spec_of(a) for a in out.all_input_nodes]
 
@@ -160,6 +166,7 @@ class GatherPatches(PassBase):
         idx = add("call_function", select_tokens, (sig, site.grid[0], site.grid[1], k, site.prefix))
         kept = add("call_function", gather_tokens, (site.node, idx))
         site.node.replace_all_uses_with(kept, delete_user_cb=lambda user: user is not kept)
+        self.kept = kept
         if k != n:
             for node in _downstream(kept):
                 if (node.op == "call_method" and node.target in _SHAPE_METHODS) or (
@@ -167,6 +174,9 @@ class GatherPatches(PassBase):
                     node.args = _replace_length(node.args, n, k)
                     node.kwargs = {key: _replace_length(v, n, k) for key, v in node.kwargs.items()}
         self.entry.update(mode="tokens", node=site.node.name, grid=list(site.grid), prefix=site.prefix, tokens=k)
+        if self.entry.get("attention", "sdpa") == "gathered":
+            fused, self.kept = fuse_first_attention(gm, site.node, kept, idx)
+            self.entry.update(fused)
         self.entry.pop("where", None)
         log.info("patches: %d of %d tokens kept after %s", k, n, site.node.format_node())
 
@@ -201,8 +211,8 @@ class GatherPatches(PassBase):
         after = [spec_of(a) for a in out.all_input_nodes]
         if after != self.before:
             raise RewriteError(f"gathering patches changed the model's outputs from {self.before} to {after}")
-        if self.site is not None:
-            kept = next(iter(self.site.node.users))
+        if self.kept is not None:
+            kept = self.kept
             shape = spec_of(kept)
             if not isinstance(shape, TensorSpec) or shape.shape[1] != self.entry["tokens"]:
                 raise RewriteError(f"{kept.format_node()} should hold {self.entry['tokens']} tokens, has {shape}")

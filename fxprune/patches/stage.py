@@ -17,6 +17,7 @@ from ..recipe import register_stage
 from .proposal import DEFAULT_PROPOSAL, UnknownProposal, check_proposal_name
 
 WHERE = ("auto", "pos_embed", "mlp")
+ATTENTION = ("sdpa", "gathered")
 
 
 @register_stage("patches")
@@ -31,12 +32,16 @@ class PatchStage:
             registered with ``fxprune.patches.register_proposal`` (e.g. a trained module).
         where: ``auto`` (ViT: after the position embedding; else the channels-last MLPs of Swin / ConvNeXt),
             ``pos_embed``, ``mlp``, or the name of the graph node whose ``(B, N, D)`` output is gathered.
+        attention: ``sdpa`` (default: every block runs unchanged on the kept tokens) or ``gathered`` (ViTs with
+            timm-style attention: the first block reads its packed qkv by index with the ``gathered_attention``
+            kernel, see ``fxprune.patches.fuse_attention``).
     """
 
     kind: str = "patches"
     keep: float = 0.5
     proposal: str = DEFAULT_PROPOSAL
     where: str = "auto"
+    attention: str = "sdpa"
     rewrites_graph: ClassVar[bool] = True
 
     def validate(self, path: str) -> None:
@@ -52,6 +57,8 @@ class PatchStage:
             raise RecipeError(f"{path}.proposal", str(exc)) from exc
         if not isinstance(self.where, str) or not self.where:
             raise RecipeError(f"{path}.where", f"must be one of {', '.join(WHERE)} or a node name, got {self.where!r}")
+        if self.attention not in ATTENTION:
+            raise RecipeError(f"{path}.attention", f"must be one of {', '.join(ATTENTION)}, got {self.attention!r}")
 
 
 @stage_runner(PatchStage)
@@ -60,7 +67,7 @@ def run_patch_stage(gm: fx.GraphModule, stage: PatchStage, ctx: object, inputs: 
     from ..passes.gather_patches import gather_patches
 
     entry = gather_patches(gm, {"pass": "patches", "keep": stage.keep, "proposal": stage.proposal,
-                                "where": stage.where}, inputs)
+                                "where": stage.where, "attention": stage.attention}, inputs)
     return Plan(rewrites=[entry])
 
 
