@@ -157,7 +157,10 @@ def test_channels_then_blocksparse(deit, images, zero_blocks) -> None:
 
 
 def test_hardware_aware_latency_term(deit, images, zero_blocks, tmp_path, monkeypatch) -> None:
+    from fxprune.blocksparse import latency
+
     monkeypatch.setenv("FXPRUNE_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(latency, "_MEMORY", {})  # measure afresh into this test's table
     recipe = {"stages": [{"kind": "blocksparse", "target": {"sparsity": 0.5}, "criterion": "l2", "latency": 1.0}]}
     pruned = fxprune.compile(deit, recipe, example_inputs=images)
     stats = pruned.fxprune_plan.stats
