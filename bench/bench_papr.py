@@ -23,10 +23,12 @@ log = logging.getLogger(__name__)
 PROPOSAL = "torchvision:mobilenet_v3_small"
 
 
-def build(z: float = 0.5, size: int = 224) -> tuple[torch.nn.Module, torch.nn.Module]:
-    """The dense ViT-B/16 and its PaPr version (the default MobileNetV3-small proposal, random weights)."""
+def build(z: float = 0.5, size: int = 224, name: str = "vit_b_16") -> tuple[torch.nn.Module, torch.nn.Module]:
+    """A dense torchvision model and its PaPr version (the default MobileNetV3-small proposal, random weights).
+
+    ViTs drop tokens; hierarchical models (``swin_t``, ``convnext_tiny``) run their MLPs on kept positions only."""
     torch.manual_seed(0)
-    model = torchvision.models.vit_b_16(weights=None, image_size=size).eval()
+    model = torchvision.models.get_model(name, weights=None).eval()
     recipe = {"stages": [{"kind": "patches", "keep": z, "proposal": PROPOSAL}]}
     return model, fxprune.compile(model, recipe, example_inputs=torch.randn(1, 3, size, size))
 
@@ -42,7 +44,8 @@ def _median_ms(model: torch.nn.Module, x: torch.Tensor, runs: int) -> float:
     return statistics.median(times)
 
 
-def measure(model: torch.nn.Module, pruned: torch.nn.Module, batch: int, runs: int, size: int = 224) -> dict:
+def measure(model: torch.nn.Module, pruned: torch.nn.Module, batch: int, runs: int, size: int = 224,
+            name: str = "vit_b_16", z: float = 0.5) -> dict:
     """Dense and pruned latency (alternating, median of ``runs`` each) and MACs at ``batch``."""
     x = torch.randn(batch, 3, size, size)
     dense, fast = [], []
@@ -51,14 +54,14 @@ def measure(model: torch.nn.Module, pruned: torch.nn.Module, batch: int, runs: i
         fast.append(_median_ms(pruned, x, 1))
     d_ms, p_ms = statistics.median(dense), statistics.median(fast)
     macs_d, macs_p = count_work(model, x[:1])["macs"], count_work(pruned, x[:1])["macs"]
-    return {"batch": batch, "dense_ms": d_ms, "papr_ms": p_ms, "speedup": d_ms / p_ms, "macs_ratio": macs_d / macs_p}
+    return {"model": name, "z": z, "batch": batch, "dense_ms": d_ms, "papr_ms": p_ms, "speedup": d_ms / p_ms, "macs_ratio": macs_d / macs_p}
 
 
-def table(rows: list[dict], z: float, threads: int) -> str:
+def table(rows: list[dict], threads: int) -> str:
     lines = [f"| model | z | batch | dense ms | PaPr ms (incl. proposal) | speedup | MACs ratio (dense / PaPr) |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| vit_b_16 @224 | {z} | {r['batch']} | {r['dense_ms']:.1f} | {r['papr_ms']:.1f} | "
+        lines.append(f"| {r['model']} @224 | {r['z']} | {r['batch']} | {r['dense_ms']:.1f} | {r['papr_ms']:.1f} | "
                      f"{r['speedup']:.2f}x | {r['macs_ratio']:.2f}x |")
     return "\n".join(lines) + f"\n\n(torch {torch.__version__}, CPU, {threads} thread(s); proposal {PROPOSAL})"
 
@@ -72,21 +75,27 @@ def test_papr_vit_b16_latency(benchmark, batch: int) -> None:
     with torch.inference_mode():  # the benchmark's own timing: the PaPr model, proposal included
         benchmark.pedantic(pruned, args=(x,), rounds=runs, iterations=1, warmup_rounds=1)
     benchmark.extra_info.update(row)
-    print("\n" + table([row], 0.5, torch.get_num_threads()))
+    print("\n" + table([row], torch.get_num_threads()))
     assert row["macs_ratio"] > 1.5  # half the tokens: the MACs really went down
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--keep", type=float, default=0.5)
+    parser.add_argument("--models", nargs="+", default=["vit_b_16"],
+                        help="torchvision models, e.g. vit_b_16 swin_t convnext_tiny")
+    parser.add_argument("--keep", type=float, nargs="+", default=None,
+                        help="one z per model (default 0.5 for ViTs, 0.65 for hierarchical models, as in the paper)")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    model, pruned = build(args.keep)
-    rows = [measure(model, pruned, b, args.runs) for b in args.batches]
-    print(table(rows, args.keep, args.threads))
+    rows = []
+    for i, name in enumerate(args.models):
+        z = args.keep[i] if args.keep else (0.5 if name.startswith("vit") else 0.65)
+        model, pruned = build(z, name=name)
+        rows += [measure(model, pruned, b, args.runs, name=name, z=z) for b in args.batches]
+    print(table(rows, args.threads))
 
 
 if __name__ == "__main__":

@@ -191,7 +191,7 @@ class GatherPatches(PassBase):
                 indices[region.grid] = add("call_function", select_tokens, (sig, h, w, keep_count(h * w, keep, 0), 0))
             idx = indices[region.grid]
             with gm.graph.inserting_before(region.first):
-                rows = gm.graph.call_function(gather_positions, (region.source, idx))
+                rows = gm.graph.call_function(gather_positions, (region.source, idx, region.flat))
             region.first.replace_input_with(region.source, rows)
             with gm.graph.inserting_after(region.last):
                 back = gm.graph.call_function(scatter_positions, (region.last, idx, h, w, region.flat))

@@ -67,9 +67,9 @@ def gather_tokens(tokens: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return tokens.gather(1, idx.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
 
 
-def gather_positions(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """Channels-last map ``[B, H, W, C]`` (or ``[B, H * W, C]``) -> the kept positions ``[B, K, C]``."""
-    return gather_tokens(x.flatten(1, 2) if x.dim() == 4 else x, idx)
+def gather_positions(x: torch.Tensor, idx: torch.Tensor, flat: bool = False) -> torch.Tensor:
+    """Channels-last map ``[B, H, W, C]`` (``flat``: ``[B, H * W, C]``) -> the kept positions ``[B, K, C]``."""
+    return gather_tokens(x if flat else x.flatten(1, 2), idx)
 
 
 def scatter_positions(rows: torch.Tensor, idx: torch.Tensor, height: int, width: int, flat: bool = False) -> torch.Tensor:

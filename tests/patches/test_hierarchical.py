@@ -104,3 +104,20 @@ def test_save_load_round_trip_and_compile(tmp_path, tiny_proposal: nn.Module) ->
     assert explained.graph_break_count == 0, explained.break_reasons
     with torch.no_grad():
         torch.testing.assert_close(again(x), pruned(x), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["torchvision_convnext", "timm_swin"])
+def test_pruned_model_traces_again_and_counts_fewer_macs(name: str, tiny_proposal: nn.Module) -> None:
+    """A PaPr model is itself traceable (benchmarks count its MACs; fxprune.compile accepts it as input)."""
+    from fxprune.work import count_work
+
+    model, _ = MODELS[name]()
+    x = torch.randn(1, 3, 32, 32)
+    pruned = fxprune.compile(model, {"stages": [{"kind": "patches", "keep": 0.5, "proposal": "tests:tiny"}]},
+                             example_inputs=x)
+    proposal = count_work(pruned.get_submodule("papr").proposal, x)["macs"]
+    assert proposal > 0
+    assert count_work(pruned, x)["macs"] - proposal < count_work(model, x)["macs"]
+    retraced = fxprune.trace(pruned)
+    with torch.no_grad():
+        torch.testing.assert_close(retraced(x), pruned(x), atol=0, rtol=0)
