@@ -1,6 +1,6 @@
 """Head pruning on real ViTs: torchvision's VisionTransformer (nn.MultiheadAttention) at reduced size and timm's
 deit_tiny / vit_small at 32x32. Heads at 50% then channels at flops 0.5: masked == shrunk, output shape unchanged,
-MACs reduced, num_heads of the rewritten attention == kept heads; 0 graph breaks under torch.compile(fullgraph);
+MACs reduced, num_heads of the rewritten attention == kept heads; 0 graph breaks under torch.compile(fullgraph), torch.export;
 save/load round trip."""
 from __future__ import annotations
 
@@ -82,8 +82,10 @@ def test_heads_pruned_vit_compiles_fullgraph_without_breaks(kind: str) -> None:
     explained = torch._dynamo.explain(pruned)(X)
     assert explained.graph_break_count == 0, explained.break_reasons
     compiled = torch.compile(pruned, backend="aot_eager", fullgraph=True)
+    exported = torch.export.export(pruned, (X,))
     with torch.no_grad():
         torch.testing.assert_close(compiled(X), pruned(X), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(exported.module()(X), pruned(X), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("kind", ["torchvision", "timm"])
