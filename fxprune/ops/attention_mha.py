@@ -17,7 +17,6 @@ per-head 3-D ``attn_mask`` are prunable: averaged attention weights would differ
 """
 from __future__ import annotations
 
-
 import numpy as np
 import torch
 import torch.fx as fx
