@@ -5,8 +5,9 @@
   right after the add of the position embedding (a ``(1, N, D)`` tensor) to the ``(B, N, D)`` tokens, where
   ``N = grid_h * grid_w + prefix`` and the prefix tokens (class, distillation) come first.
 * Hierarchical models (Swin, ConvNeXt): no token is dropped. Each *channels-last MLP* (an optional LayerNorm, a
-  ``Linear`` on a ``(B, H, W, C)`` map, pointwise activations / dropout, a second ``Linear``, trailing dropout) is
-  run on the kept positions only.
+  ``Linear`` on a ``(B, H, W, C)`` map, pointwise activations / dropout, a second ``Linear``, trailing dropout and
+  the LayerNorm of post-norm blocks) is run on the kept positions only. MLPs on parameters rather than on the
+  image's features (Swin v2's position-bias MLP) are left alone.
 """
 from __future__ import annotations
 
@@ -189,13 +190,15 @@ def _mlp_from(gm: fx.GraphModule, fc1: fx.Node) -> Optional[MlpRegion]:
     if grid is None:
         return None
     flat = len(_shape(source)) == 3
-    node, seen_fc2 = fc1, False
+    node, seen_fc2, seen_post_norm = fc1, False, False
     while True:
         user = _only_user(node)
         if user is None or not _same_positions(user, grid, flat) or user.args[0] is not node:
             break
         if _is_linear(gm, user) and not seen_fc2:
             seen_fc2, node = True, user
+        elif _is_layer_norm(gm, user) and seen_fc2 and not seen_post_norm:  # post-norm blocks (Swin v2)
+            seen_post_norm, node = True, user
         elif _is_pointwise(gm, user):
             node = user
         else:
@@ -208,11 +211,14 @@ def _mlp_from(gm: fx.GraphModule, fc1: fx.Node) -> Optional[MlpRegion]:
 def find_mlp_regions(gm: fx.GraphModule) -> list[MlpRegion]:
     """Every channels-last MLP (``Linear`` on a ``(B, H, W, C)`` map, pointwise ops, ``Linear``) of the graph."""
     regions, used = [], set()
+    from_input: set[fx.Node] = set()  # MLPs on parameters (Swin v2's position-bias MLP) are not per image
+    for p in (n for n in gm.graph.nodes if n.op == "placeholder"):
+        from_input |= _downstream(p)
     for node in gm.graph.nodes:
-        if node in used or not _is_linear(gm, node):
+        if node in used or node not in from_input or not _is_linear(gm, node):
             continue
         region = _mlp_from(gm, node)
-        if region is None:
+        if region is None or region.source not in from_input:
             continue
         regions.append(region)
         cur = region.first

@@ -12,7 +12,7 @@ import timm
 import torch
 from torch import nn
 from torchvision.models.convnext import CNBlockConfig, ConvNeXt
-from torchvision.models.swin_transformer import SwinTransformer
+from torchvision.models.swin_transformer import PatchMergingV2, SwinTransformer, SwinTransformerBlockV2
 
 import fxprune
 
@@ -24,6 +24,14 @@ def _swin() -> tuple[nn.Module, list[nn.Module]]:
     m = SwinTransformer(patch_size=[4, 4], embed_dim=16, depths=[1, 1], num_heads=[1, 2], window_size=[4, 4],
                         num_classes=10).eval()
     return m, [m.features[1][0].mlp, m.features[3][0].mlp]
+
+
+def _swin_v2() -> tuple[nn.Module, list[nn.Module]]:
+    """Post-norm blocks: the MLP branch is norm2(mlp(x)), zero at dropped positions as a whole."""
+    torch.manual_seed(0)
+    m = SwinTransformer(patch_size=[4, 4], embed_dim=16, depths=[1, 1], num_heads=[1, 2], window_size=[4, 4],
+                        num_classes=10, block=SwinTransformerBlockV2, downsample_layer=PatchMergingV2).eval()
+    return m, [m.features[1][0].norm2, m.features[3][0].norm2]
 
 
 def _convnext() -> tuple[nn.Module, list[nn.Module]]:
@@ -41,8 +49,18 @@ def _timm_swin() -> tuple[nn.Module, list[nn.Module]]:
     return m, [m.layers[0].blocks[0].mlp, m.layers[1].blocks[0].mlp]
 
 
-MODELS = {"torchvision_swin": _swin, "torchvision_convnext": _convnext, "timm_swin": _timm_swin}
-GRIDS = [(8, 8), (4, 4)]  # 32x32 images: stride 4, then 8
+def _timm_convnext() -> tuple[nn.Module, list[nn.Module]]:
+    torch.manual_seed(0)
+    m = timm.create_model("convnext_tiny", pretrained=False, depths=(1, 1, 1, 1), dims=(8, 16, 16, 16),
+                          num_classes=10).eval()
+    for stage in m.stages:
+        nn.init.normal_(stage.blocks[0].gamma, std=0.5)  # timm starts layer scales at 1e-6
+    return m, [stage.blocks[0].mlp for stage in m.stages]
+
+
+MODELS = {"torchvision_swin": _swin, "torchvision_swin_v2": _swin_v2, "torchvision_convnext": _convnext,
+          "timm_swin": _timm_swin, "timm_convnext": _timm_convnext}
+GRIDS = [(8, 8), (4, 4), (2, 2), (1, 1)]  # 32x32 images: stride 4, 8, 16, 32
 
 
 def _reference(model: nn.Module, mlps: list[nn.Module], proposal: nn.Module, x: torch.Tensor, z: float) -> torch.Tensor:
@@ -73,7 +91,7 @@ def test_mlp_on_kept_positions_equals_reference(name: str, z: float, tiny_propos
     pruned = fxprune.compile(model, {"stages": [{"kind": "patches", "keep": z, "proposal": "tests:tiny"}]},
                              example_inputs=x[:1])
     entry = pruned.fxprune_plan.rewrites[0]
-    assert entry["mode"] == "mlp" and len(entry["regions"]) == 2
+    assert entry["mode"] == "mlp" and len(entry["regions"]) == len(mlps)
     want = _reference(model, mlps, tiny_proposal, x, z)
     with torch.no_grad():
         got, full = pruned(x), model(x)
