@@ -120,3 +120,15 @@ def test_stage_json_round_trip_and_registered_module_is_copied(tiny_proposal) ->
     assert all(torch.equal(a, b) for a, b in zip(made.state_dict().values(), tiny_proposal.state_dict().values()))
     register_proposal("tests:factory", lambda: nn.Conv2d(3, 2, 4, 4))
     assert isinstance(build_proposal("tests:factory"), nn.Conv2d)
+
+
+def test_load_without_the_registered_proposal_says_how_to_fix_it(tmp_path, tiny_proposal) -> None:
+    from fxprune.patches import proposal as registry
+
+    x = torch.randn(1, 3, 32, 32)
+    register_proposal("tests:ephemeral", registry.build_proposal("tests:tiny"))
+    pruned = fxprune.compile(_vit(), _recipe(proposal="tests:ephemeral"), example_inputs=x)
+    path = fxprune.save(pruned, tmp_path / "vit.fxp", example_inputs=x)
+    del registry._PROPOSALS["tests:ephemeral"]  # a fresh process that never registered it
+    with pytest.raises(KeyError, match="unknown proposal 'tests:ephemeral'.*register it with fxprune.patches.register_proposal"):
+        fxprune.load(path, _vit)
