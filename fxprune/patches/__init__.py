@@ -1,8 +1,9 @@
 """PaPr patch pruning (arXiv 2403.16020): a light proposal ConvNet picks the image patches a ViT keeps.
 
-* ``kind: "patches"`` recipe stage (``PatchStage``): ``keep``, ``proposal``, ``where``.
+* ``kind: "patches"`` recipe stage (``PatchStage``): ``keep``, ``proposal``, ``where``, ``attention``.
 * ``register_proposal(name, module_or_factory)``: make a (trained) proposal network usable by name in recipes.
-* the rewrite itself is ``fxprune.passes.gather_patches.GatherPatches``.
+* the rewrite itself is ``fxprune.passes.gather_patches.GatherPatches``; where it goes is found by ``locate``;
+  ``attention: "gathered"`` fuses the gather into the first attention (``fuse_attention``).
 """
 from .proposal import DEFAULT_PROPOSAL, UnknownProposal, build_proposal, register_proposal, registered_proposals
 from .select import PatchSignificance, gather_positions, gather_tokens, keep_count, scatter_positions, select_tokens
