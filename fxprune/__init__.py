@@ -11,7 +11,7 @@ from .api import compile
 from . import blocksparse  # noqa: F401,E402  (registers the blocksparse stage, criteria and rewrite)
 from . import patches  # noqa: F401,E402  (registers the patches stage and rewrite)
 from . import partial  # noqa: F401,E402  (partial tracing: recipe 'submodule')
-from . import heads  # noqa: F401,E402  (registers the heads stage)
+from . import head_dim, heads  # noqa: F401,E402  (registers the heads and head_dim stages)
 from .errors import BudgetError, ExampleInputsError, FxPruneError, PlanError, RecipeError, RewriteError, TraceFailure
 from .graph.dependency import Analysis, analyze
 from .plan import Plan

@@ -37,11 +37,12 @@ from .recipe import register_stage, validate_common, validate_target
 log = logging.getLogger(__name__)
 
 
-def head_groups(a: Analysis) -> set[int]:
-    """Ids of the groups of ``a`` that hold an attention head dim (see the module docstring)."""
+def head_groups(a: Analysis, spaces_of: str = "head_spaces") -> set[int]:
+    """Ids of the groups of ``a`` that hold an attention head dim (see the module docstring), or with
+    ``spaces_of="head_dim_spaces"`` a per-head feature dim."""
     groups = set()
     for node in a.gm.graph.nodes:
-        spaces = getattr(a.node_rules.get(node.name), "head_spaces", None)
+        spaces = getattr(a.node_rules.get(node.name), spaces_of, None)
         for space in spaces(node) if spaces is not None else ():
             if space in a.index:
                 groups.add(int(a.space_group[a.index[space]]))
@@ -51,14 +52,16 @@ def head_groups(a: Analysis) -> set[int]:
 class HeadPlanner(Planner):
     """A planner over head groups only; ``round_to`` counts heads."""
 
+    spaces_of = "head_spaces"
+
     def __init__(self, analysis: Analysis, scores: np.ndarray, stage: "HeadStage", done: dict[int, int] | None = None,
                  normalize: bool = True) -> None:
-        self.head_groups = head_groups(analysis)
+        self.head_groups = head_groups(analysis, self.spaces_of)
         super().__init__(analysis, scores, stage, done, normalize)
         for o in self.orders:
             o.step = stage.round_to
         if not self.orders:
-            log.warning("heads stage: no prunable attention heads in this model")
+            log.warning("%s stage: nothing of this kind is prunable in this model", stage.kind)
 
     def _order(self, g: int, scores: np.ndarray) -> _GroupOrder:
         o = super()._order(g, scores)

@@ -112,3 +112,43 @@ def test_recipe_validation_and_round_trip() -> None:
         assert field in str(info.value)
     with pytest.raises(RecipeError, match="stages\\[0\\].target"):
         fxprune.Recipe.load(heads_recipe({"sparsity": 1.5}))
+
+
+def head_dim_plan(pruned: nn.Module) -> fxprune.Plan:
+    """The ``head_dim`` rewrite entry of a plan as a channel plan, for the masked == shrunk oracle."""
+    entry = next(e for e in pruned.fxprune_plan.rewrites if e["pass"] == "head_dim")
+    return fxprune.Plan(entry["kept"], entry["sizes"])
+
+
+def test_head_dim_stage_shrinks_features_of_every_head_with_the_scale_pinned() -> None:
+    model = TwoBlocks().eval()
+    pruned = fxprune.compile(model, heads_recipe({"sparsity": 0.5}, kind="head_dim"), example_inputs=X)
+    fxprune.testing.assert_masked_equals_shrunk(model, head_dim_plan(pruned), (X,), pruned)
+    splits = [n for n in pruned.graph.nodes if n.target == "reshape" and len(n.args) == 6]
+    assert [n.args[4:] for n in splits] == [(4, 4), (8, 2)]  # heads kept, head dims 8 -> 4 and 4 -> 2
+    sdpa = [n for n in pruned.graph.nodes if n.target is torch.nn.functional.scaled_dot_product_attention]
+    assert [n.kwargs["scale"] for n in sdpa] == pytest.approx([8 ** -0.5, 4 ** -0.5])
+    assert pruned.b0.fc1.out_features == 64 and pruned.fxprune_plan.kept == {}
+
+
+class MHABlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp, self.attn, self.head = nn.Linear(8, 32), nn.MultiheadAttention(32, 4, batch_first=True), nn.Linear(32, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.inp(x)
+        return self.head(self.attn(x, x, x, need_weights=False)[0])
+
+
+def test_head_dim_stage_on_multihead_attention() -> None:
+    model = MHABlock().eval()
+    pruned = fxprune.compile(model, heads_recipe({"sparsity": 0.5}, kind="head_dim"), example_inputs=X)
+    fxprune.testing.assert_masked_equals_shrunk(model, head_dim_plan(pruned), (X,), pruned)
+    attn = pruned.attn
+    assert (attn.num_heads, attn.qk_dim, attn.v_dim, attn.in_dim) == (4, 4, 4, 32)
+
+
+def test_head_dim_must_come_after_channel_stages() -> None:
+    with pytest.raises(RecipeError, match="stages\\[1\\].kind"):
+        fxprune.Recipe.load({"stages": [{"kind": "head_dim"}, {"kind": "heads"}]})

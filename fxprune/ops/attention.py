@@ -17,10 +17,11 @@ for ``nn.MultiheadAttention`` (``attention_mha.py``), whose heads and head dims 
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import operator
 import sys
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.fx as fx
@@ -85,6 +86,11 @@ class SdpaRule(OpRule):
         h = head_dim_of(q.ndim) if q is not None else None
         return [q.space(h)] if h is not None else []
 
+    def head_dim_spaces(self, node: fx.Node) -> list[Space]:
+        """The per-head feature dims of queries/keys and of values (used by the ``head_dim`` stage)."""
+        ports = [_port(a) for a in self._qkv(node)]
+        return [p.space(-1) for p in (ports[0], ports[2]) if p is not None and p.ndim >= 4]
+
     def rewrite_node(self, node: fx.Node, r: RewriteContext) -> None:
         q = self._qkv(node)[0]
         spec = spec_of(q)
@@ -127,6 +133,10 @@ class MatmulRule(OpRule):
         a = _port(node.args[0])
         h = head_dim_of(a.ndim) if a is not None else None
         return [a.space(h)] if h is not None else []
+
+    def head_dim_spaces(self, node: fx.Node) -> list[Space]:
+        ports = [_port(x) for x in node.args[:2]]
+        return [p.space(-1) for p in ports if p is not None and p.ndim >= 4]
 
     def macs(self, node: fx.Node, s: SizeContext) -> int:
         a = node.args[0]
@@ -172,6 +182,28 @@ def register_timm() -> None:
 # -- which factor of a reshape is the heads factor ----------------------------------------------------------------
 _ATTENTION = (F.scaled_dot_product_attention, *MATMUL_TARGETS)
 _MAX_DEPTH = 8
+_FACTOR = ["heads"]  # which factor the hint prefers: "heads" (default) or "head_dim" (the ``head_dim`` stage)
+
+
+@contextlib.contextmanager
+def prefer_factor(kind: str) -> Iterator[None]:
+    """Inside, packed-``qkv`` reshapes carry channels through ``kind``: ``"heads"`` or ``"head_dim"``."""
+    if kind not in ("heads", "head_dim"):
+        raise ValueError(f"kind must be 'heads' or 'head_dim', got {kind!r}")
+    _FACTOR.append(kind)
+    try:
+        yield
+    finally:
+        _FACTOR.pop()
+
+
+def _wanted(user: fx.Node, node: fx.Node, dim: int, ndim: int) -> bool:
+    """Whether ``node``'s dim ``dim`` is, at the attention op ``user``, the preferred factor."""
+    if _FACTOR[-1] == "heads":
+        return dim == head_dim_of(ndim)
+    if ndim < 4:
+        return False
+    return dim == ndim - 1 or (user.target in MATMUL_TARGETS and user.args[1] is node and dim == ndim - 2)
 
 
 def _is_attention(node: fx.Node) -> bool:
@@ -204,7 +236,7 @@ def _reaches_heads(node: fx.Node, dim: int, depth: int = 0) -> bool:
     shape = _shape(node)
     for user in node.users:
         if _is_attention(user):
-            if node in user.args[:3] and shape is not None and dim == head_dim_of(len(shape)):
+            if node in user.args[:3] and shape is not None and _wanted(user, node, dim, len(shape)):
                 return True
             continue
         if shape is None:  # a tuple (unbind/chunk): its getitems keep the dim
@@ -234,7 +266,7 @@ def _comes_from_heads(node: Any, dim: int, depth: int = 0) -> bool:
     if depth > _MAX_DEPTH or not isinstance(node, fx.Node) or shape is None:
         return False
     if _is_attention(node):
-        return dim == head_dim_of(len(shape))
+        return dim == (head_dim_of(len(shape)) if _FACTOR[-1] == "heads" else len(shape) - 1)
     perm = _perm(node, len(shape)) if node.op in ("call_method", "call_function") else None
     if perm is not None:
         return _comes_from_heads(node.args[0], perm[dim], depth + 1)
@@ -244,9 +276,9 @@ def _comes_from_heads(node: Any, dim: int, depth: int = 0) -> bool:
 
 @register_factor_hint
 def head_factor_hint(node: fx.Node, splits: bool, dim: int) -> bool:
-    """Prefer the reshape factor that is an attention head dim (``splits``: ``dim`` is on the output, else on
-    the input)."""
+    """Prefer the reshape factor that is an attention head dim, or inside ``prefer_factor("head_dim")`` the
+    per-head feature dim (``splits``: ``dim`` is on the output, else on the input)."""
     return _reaches_heads(node, dim) if splits else _comes_from_heads(node.args[0], dim)
 
 
-__all__ = ["SdpaRule", "MatmulRule", "ScoresShapeRule", "register_timm", "head_factor_hint", "head_dim_of", "KEY_TOKENS_REASON"]
+__all__ = ["SdpaRule", "MatmulRule", "ScoresShapeRule", "register_timm", "head_factor_hint", "prefer_factor", "head_dim_of", "KEY_TOKENS_REASON"]

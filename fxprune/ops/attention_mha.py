@@ -98,6 +98,10 @@ class MultiheadAttentionRule(OpRule):
         """The heads axis (used by the ``heads`` stage)."""
         return [Space("@" + str(node.target), 0, HEADS)]
 
+    def head_dim_spaces(self, node: fx.Node) -> list[Space]:
+        """The q/k and v head-dim axes (used by the ``head_dim`` stage)."""
+        return [Space("@" + str(node.target), 0, QK_DIM), Space("@" + str(node.target), 0, V_DIM)]
+
     def frozen_reason(self, node: fx.Node, space: Space) -> str:
         return f"multi-head attention keeps dim {space.dim} of '{space.owner}' (mask or key tokens): {node.format_node()}"
 

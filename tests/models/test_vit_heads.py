@@ -112,3 +112,15 @@ def test_relative_position_bias_tables_follow_the_heads(name: str, kwargs: dict,
     for n, table in tables:
         heads = model.get_parameter(n).shape[1]
         assert table.shape[1] == heads - heads // 2  # the table's head columns follow the kept heads
+
+
+def test_heads_then_head_dim_on_deit_round_trips(tmp_path) -> None:
+    model = timm_vit("deit_tiny_patch16_224")
+    recipe = {"stages": [{"kind": "heads", "target": {"sparsity": 0.5}},
+                         {"kind": "head_dim", "target": {"sparsity": 0.5}, "round_to": 8}]}
+    pruned = fxprune.compile(model, recipe, example_inputs=X)
+    assert pruned.get_submodule("blocks.0.attn.qkv").out_features == 3 * 2 * 32  # 2 of 3 heads, 32 of 64 dims
+    path = fxprune.save(pruned, tmp_path / "deit.fxp", example_inputs=X)
+    again = fxprune.load(path, lambda: timm_vit("deit_tiny_patch16_224"))
+    with torch.no_grad():
+        torch.testing.assert_close(again(X), pruned(X), atol=1e-5, rtol=1e-5)
