@@ -11,9 +11,10 @@ When ``E`` shrinks, the rewrite pins ``scale=`` to the original ``1/sqrt(E)`` so
 
 A reshape that splits ``3·H·D`` into ``(3, H, D)`` (or merges ``(H, D)`` back into ``H·D``) can carry channels
 through only one factor. ``head_factor_hint`` (registered with the reshape rule) picks the factor that reaches an
-attention op's head dim, so whole heads are the units and the ``num_heads`` constant is rewritten. Head-dim
-pruning of such packed ``qkv`` layouts is therefore not offered (a unit cannot be both "head h" and "dim d"); it is
-for ``nn.MultiheadAttention`` (``attention_mha.py``), whose heads and head dims are separate internal axes.
+attention op's head dim, so whole heads are the units and the ``num_heads`` constant is rewritten. A unit cannot be
+both "head h" and "feature d of every head", so head-dim pruning of packed ``qkv`` layouts analyses the graph again
+inside ``prefer_factor("head_dim")`` (the ``head_dim`` stage, ``fxprune/head_dim.py``). ``nn.MultiheadAttention``
+(``attention_mha.py``) keeps heads and head dims as separate internal axes, so channel stages prune both.
 """
 from __future__ import annotations
 
