@@ -61,6 +61,34 @@ def _replace_length(value: Any, old: int, new: int) -> Any:
     return type(value)(_replace_length(v, old, new) for v in value)
 
 
+def _sizes(node: fx.Node) -> list:
+    """The size arguments of a shape op, flattened (``view(b, n, d)`` and ``view((b, n, d))`` alike)."""
+    rest = list(node.args[1:]) if node.op == "call_method" or node.target in (torch.reshape, torch.broadcast_to) \
+        else list(node.args)
+    return list(rest[0]) if len(rest) == 1 and isinstance(rest[0], (list, tuple)) else rest
+
+
+def rewrite_sequence_length(node: fx.Node, old: int, new: int) -> None:
+    """Replace the constant sequence length ``old`` by ``new`` in a shape op or comparison downstream of the gather.
+
+    Where the op's sizes line up with its recorded output shape, only the first size at a dim that held ``old``
+    changes: tokens come before features in ``(B, N, D)``, ``(B, N, 3, H, D)`` and ``(B, H, N, D)`` layouts, so a
+    hidden width that happens to equal ``old`` is left alone."""
+    spec = spec_of(node)
+    sizes = _sizes(node) if node.target not in (operator.eq, operator.ne) else []
+    if isinstance(spec, TensorSpec) and len(sizes) == len(spec.shape) and all(
+            isinstance(v, (int, fx.Node)) and not isinstance(v, bool) for v in sizes):
+        at = [i for i, v in enumerate(sizes) if isinstance(v, int) and v == old and spec.shape[i] == old][:1]
+        fixed = [new if i in at else v for i, v in enumerate(sizes)]
+        grouped = len(node.args) - (1 if node.op == "call_method" or node.target in (torch.reshape, torch.broadcast_to)
+                                    else 0) == 1 and isinstance(node.args[-1], (list, tuple))
+        head = node.args[: len(node.args) - 1] if grouped else node.args[: len(node.args) - len(sizes)]
+        node.args = (*head, type(node.args[-1])(fixed)) if grouped else (*head, *fixed)
+        return
+    node.args = _replace_length(node.args, old, new)
+    node.kwargs = {key: _replace_length(v, old, new) for key, v in node.kwargs.items()}
+
+
 def _downstream(node: fx.Node) -> list[fx.Node]:
     seen, todo = {node}, [node]
     while todo:
@@ -171,8 +199,7 @@ class GatherPatches(PassBase):
             for node in _downstream(kept):
                 if (node.op == "call_method" and node.target in _SHAPE_METHODS) or (
                         node.op == "call_function" and node.target in _SHAPE_FUNCTIONS):
-                    node.args = _replace_length(node.args, n, k)
-                    node.kwargs = {key: _replace_length(v, n, k) for key, v in node.kwargs.items()}
+                    rewrite_sequence_length(node, n, k)
         self.entry.update(mode="tokens", node=site.node.name, grid=list(site.grid), prefix=site.prefix, tokens=k)
         if self.entry.get("attention", "sdpa") == "gathered":
             fused, self.kept = fuse_first_attention(gm, site.node, kept, idx)

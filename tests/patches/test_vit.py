@@ -241,3 +241,29 @@ def test_train_mode_fine_tunes_the_vit_and_freezes_the_proposal(tiny_proposal: n
     before = significance.proposal.body[1].running_mean.clone()
     pruned(x)
     assert torch.equal(significance.proposal.body[1].running_mean, before)  # BatchNorm statistics untouched
+
+
+def test_hidden_width_equal_to_the_sequence_length_is_left_alone(tiny_proposal: nn.Module) -> None:
+    """17 tokens of width 17: only the reshape size at the token dim becomes the kept count."""
+
+    class SquareViT(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Conv2d(3, 17, 8, 8)
+            self.cls = nn.Parameter(torch.randn(1, 1, 17))
+            self.pos = nn.Parameter(torch.randn(1, 17, 17))
+            self.head = nn.Linear(17, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            t = torch.cat([self.cls.expand(x.shape[0], -1, -1), self.embed(x).flatten(2).transpose(1, 2)], 1) + self.pos
+            t = t.reshape(-1, 17, 17) * 2  # (tokens, width): both 17
+            return self.head(t[:, 0])
+
+    model, x = SquareViT().eval(), _images(2)
+    pruned = fxprune.compile(model, _recipe(0.5), example_inputs=x)
+    reshape = next(n for n in pruned.graph.nodes if n.op == "call_method" and n.target == "reshape")
+    assert reshape.args[1:] == (-1, 8, 17)
+    idx = reference_token_indices(tiny_proposal, x, GRID, 0.5)
+    with torch.no_grad():
+        t = take(torch.cat([model.cls.expand(2, -1, -1), model.embed(x).flatten(2).transpose(1, 2)], 1) + model.pos, idx)
+        torch.testing.assert_close(pruned(x), model.head((t * 2)[:, 0]), atol=1e-5, rtol=1e-5)
