@@ -54,7 +54,8 @@ def measure(model: torch.nn.Module, pruned: torch.nn.Module, batch: int, runs: i
         fast.append(_median_ms(pruned, x, 1))
     d_ms, p_ms = statistics.median(dense), statistics.median(fast)
     macs_d, macs_p = count_work(model, x[:1])["macs"], count_work(pruned, x[:1])["macs"]
-    return {"model": name, "z": z, "batch": batch, "dense_ms": d_ms, "papr_ms": p_ms, "speedup": d_ms / p_ms, "macs_ratio": macs_d / macs_p}
+    return {"model": name, "z": z, "batch": batch, "dense_ms": d_ms, "papr_ms": p_ms, "speedup": d_ms / p_ms,
+            "macs_ratio": macs_d / macs_p}
 
 
 def table(rows: list[dict], threads: int) -> str:

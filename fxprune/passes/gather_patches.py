@@ -23,10 +23,12 @@ import torch.fx as fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from ..errors import ExampleInputsError, PlanError, RewriteError
-from ..patches.locate import MlpRegion, TokenSite, check_token_site, find_mlp_regions, find_patch_grid, find_region, find_token_site
+from ..patches.locate import (MlpRegion, TokenSite, check_token_site, find_mlp_regions, find_patch_grid, find_region,
+                              find_token_site)
 from ..patches.fuse_attention import fuse_first_attention
 from ..patches.proposal import build_proposal, proposal_feature_shape
-from ..patches.select import PatchSignificance, gather_positions, gather_tokens, keep_count, scatter_positions, select_tokens
+from ..patches.select import (PatchSignificance, gather_positions, gather_tokens, keep_count, scatter_positions,
+                              select_tokens)
 from ..trace import TensorSpec, record_shapes, spec_of
 from .replay import register_rewrite
 
@@ -133,11 +135,12 @@ class GatherPatches(PassBase):
         elif mode == "tokens":
             named = {n.name: n for n in gm.graph.nodes}
             if self.entry.get("node") not in named:
-                raise PlanError(f"the plan gathers tokens after node {self.entry.get('node')!r}, which this graph lacks")
+                raise PlanError(f"the plan gathers tokens after node {self.entry.get('node')!r}, which this graph "
+                                "lacks")
             self.site = check_token_site(named[self.entry["node"]], find_patch_grid(gm))
             if [*self.site.grid] != list(self.entry.get("grid", [])) or self.site.prefix != self.entry.get("prefix"):
-                raise PlanError(f"the plan expects a {self.entry.get('grid')} patch grid and {self.entry.get('prefix')} "
-                                f"prefix tokens at '{self.site.node.name}', the graph has {list(self.site.grid)} and "
+                raise PlanError(f"the plan expects a {self.entry.get('grid')} patch grid and "
+                                f"{self.entry.get('prefix')} prefix tokens at '{self.site.node.name}', the graph has {list(self.site.grid)} and "
                                 f"{self.site.prefix}")
         elif mode == "mlp":
             self.regions = [find_region(gm, first, last) for first, last in self.entry.get("regions", [])]

@@ -86,7 +86,8 @@ def fuse_first_attention(gm: fx.GraphModule, site: fx.Node, kept: fx.Node, idx: 
     if len(norms) != 1:
         raise _fail(kept, f"found {len(norms)} LayerNorms reading the kept tokens")
     norm = norms[0]
-    linear = next((u for u in norm.users if u.op == "call_module" and isinstance(gm.get_submodule(u.target), nn.Linear)), None)
+    linear = next((u for u in norm.users
+                   if u.op == "call_module" and isinstance(gm.get_submodule(u.target), nn.Linear)), None)
     shapes = [u for u in norm.users if u.op == "call_function" and u.target is getattr and u.args[1] == "shape"]
     reshape = _only_user(linear) if linear is not None else None
     spec = spec_of(reshape) if reshape is not None else None

@@ -50,7 +50,8 @@ def register_proposal(name: str, module_or_factory: ProposalSource) -> None:
             (copied on every use), or a zero-argument callable returning such a module.
     """
     if not isinstance(name, str) or not name or name.startswith(TORCHVISION_PREFIX):
-        raise ValueError(f"proposal names must be non-empty strings not starting with '{TORCHVISION_PREFIX}', got {name!r}")
+        raise ValueError(f"proposal names must be non-empty strings not starting with '{TORCHVISION_PREFIX}', "
+                         f"got {name!r}")
     if not isinstance(module_or_factory, nn.Module) and not callable(module_or_factory):
         raise TypeError(f"register_proposal('{name}', ...) needs an nn.Module or a zero-argument factory, "
                         f"got {type(module_or_factory).__name__}")

@@ -72,7 +72,8 @@ def gather_positions(x: torch.Tensor, idx: torch.Tensor, flat: bool = False) -> 
     return gather_tokens(x if flat else x.flatten(1, 2), idx)
 
 
-def scatter_positions(rows: torch.Tensor, idx: torch.Tensor, height: int, width: int, flat: bool = False) -> torch.Tensor:
+def scatter_positions(rows: torch.Tensor, idx: torch.Tensor, height: int, width: int,
+                      flat: bool = False) -> torch.Tensor:
     """Rows ``[B, K, C]`` put back at ``idx`` of an ``[B, H, W, C]`` map (``flat``: ``[B, H * W, C]``) that is zero
     everywhere else."""
     out = rows.new_zeros(rows.shape[0], height * width, rows.shape[-1])

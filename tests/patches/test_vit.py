@@ -137,7 +137,8 @@ def test_default_mobilenet_proposal_and_batch_sizes() -> None:
     model = torchvision.models.VisionTransformer(image_size=64, patch_size=8, num_layers=1, num_heads=2, hidden_dim=16,
                                                  mlp_dim=32, num_classes=5).eval()
     nn.init.normal_(model.heads.head.weight)
-    pruned = fxprune.compile(model, {"stages": [{"kind": "patches", "keep": 0.5}]}, example_inputs=torch.randn(1, 3, 64, 64))
+    pruned = fxprune.compile(model, {"stages": [{"kind": "patches", "keep": 0.5}]},
+                             example_inputs=torch.randn(1, 3, 64, 64))
     proposal = pruned.get_submodule(SUBMODULE).proposal
     assert isinstance(proposal, nn.Sequential) and type(proposal[0]).__name__ == "Conv2dNormActivation"
     for batch in (1, 3):
@@ -265,5 +266,6 @@ def test_hidden_width_equal_to_the_sequence_length_is_left_alone(tiny_proposal: 
     assert reshape.args[1:] == (-1, 8, 17)
     idx = reference_token_indices(tiny_proposal, x, GRID, 0.5)
     with torch.no_grad():
-        t = take(torch.cat([model.cls.expand(2, -1, -1), model.embed(x).flatten(2).transpose(1, 2)], 1) + model.pos, idx)
+        t = torch.cat([model.cls.expand(2, -1, -1), model.embed(x).flatten(2).transpose(1, 2)], 1) + model.pos
+        t = take(t, idx)
         torch.testing.assert_close(pruned(x), model.head((t * 2)[:, 0]), atol=1e-5, rtol=1e-5)
