@@ -34,7 +34,7 @@ def input_size(model: torch.nn.Module, name: str) -> int:
 
 
 def main(names: list[str]) -> None:
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)
     out = sys.stdout
     out.write("| model | input | MACs ratio | params ratio | compile + check s |\n|---|---|---|---|---|\n")
     for name in names or MODELS:

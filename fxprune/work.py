@@ -51,9 +51,13 @@ class Counter:
 
 def count_work(model: "torch.nn.Module", *inputs: "torch.Tensor") -> dict[str, int]:
     """MACs and parameters of any traceable model on ``inputs`` (the model is not modified)."""
+    import copy
+
     from .trace import record_shapes, trace
 
-    gm = trace(model)
+    # Trace a copy: tracing runs forward code, and some models cache what it computes (timm LeViT caches its
+    # attention biases per device), which would leave proxies in the user's model.
+    gm = trace(copy.deepcopy(model))
     record_shapes(gm, inputs)
     return count_model(gm)
 

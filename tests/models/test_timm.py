@@ -26,3 +26,16 @@ def test_timm_model(name: str) -> None:
     pruned = prune_and_check(model, channel_recipe(0.3, "flops"), x, atol=1e-3, rtol=1e-3)
     with torch.no_grad():
         assert pruned(x).shape == model(x).shape
+
+
+def test_counting_work_leaves_the_model_traceable() -> None:
+    """timm LeViT caches attention biases during forward: tracing the user's model itself would leave fx proxies in
+    that cache and break every later trace (regression: count_work traced the model in place)."""
+    from fxprune.work import count_work
+
+    model = timm.create_model("levit_128", pretrained=False).eval()
+    x = torch.randn(1, 3, 224, 224)
+    base = count_work(model, x)
+    assert count_work(model, x) == base
+    assert not any(isinstance(v, torch.fx.Proxy) for m in model.modules()
+                   for v in getattr(m, "attention_bias_cache", {}).values())
