@@ -32,6 +32,8 @@ import torch.nn.functional as F
 from ..graph.coupling import Coupling
 from ..graph.space import Port, Space, arange
 from ..passes.context import RewriteContext, SizeContext
+from ..trace import spec_of
+from . import attention
 from .io import AttributeRule
 from .registry import OpRule, arg, register_functions, register_op
 from .tensor_attr import index_tensor, resolve
@@ -44,6 +46,12 @@ ARGS = {"input": 0, "qkv_weight": 1, "proj_weight": 2, "relative_position_bias":
 _ROLES = {("qkv_weight", 0): "weight", ("qkv_weight", 1): "weight_in", ("proj_weight", 0): "weight",
           ("proj_weight", 1): "weight_in", ("qkv_bias", 0): "bias", ("proj_bias", 0): "bias"}
 BIAS_REASON = "relative position bias: window positions are fixed by the window size"
+COSINE_REASON = "cosine attention (Swin v2) normalizes q and k over their features (removing one changes the rest)"
+
+
+def _preferred() -> str:
+    """Which packed-qkv factor the current stage prunes: ``"heads"`` or ``"head_dim"`` (see ``ops/attention.py``)."""
+    return attention._FACTOR[-1]
 
 
 def _region_ids(size: int, window: int, shift: int, device: torch.device) -> torch.Tensor:
@@ -66,24 +74,28 @@ def window_attention(
     proj_bias: Optional[torch.Tensor] = None,
     logit_scale: Optional[torch.Tensor] = None,
     training: bool = True,
+    v_dim: Optional[int] = None,
+    scale: Optional[float] = None,
 ) -> torch.Tensor:
-    """(Shifted) window multi-head self-attention whose inner width may differ from the input's channels.
+    """(Shifted) window multi-head self-attention whose inner widths may differ from the input's channels.
 
-    Computes what torchvision's ``shifted_window_attention`` computes, with ``head_dim = qkv_weight.shape[0] //
-    (3 * num_heads)`` instead of ``C // num_heads``, so heads (and the embedding dim) can be pruned separately.
+    Computes what torchvision's ``shifted_window_attention`` computes, with the head widths read from the weights
+    instead of ``C // num_heads``, so heads, per-head features and the embedding dim can be pruned separately.
 
     Args:
         input: ``[B, H, W, C]``.
-        qkv_weight: ``[3 * heads * head_dim, C]``; proj_weight: ``[C_out, heads * head_dim]``.
+        qkv_weight: ``[heads * (2 * qk_dim + v_dim), C]`` (q, k, v rows); proj_weight: ``[C_out, heads * v_dim]``.
         relative_position_bias: broadcastable to ``[windows * B, heads, N, N]`` with ``N = wh * ww``.
         logit_scale: ``[heads, 1, 1]`` for cosine attention (Swin v2), else ``None``.
+        v_dim: per-head value width; ``None``: q, k and v are equally wide.
+        scale: the query scale of dot-product attention; ``None``: ``qk_dim ** -0.5``.
     Returns:
         ``[B, H, W, C_out]``.
     """
     b, h, w, c = input.shape
     wh, ww = window_size[0], window_size[1]
-    head_dim = qkv_weight.shape[0] // (3 * num_heads)
-    inner = num_heads * head_dim
+    qk_dim, v_dim = head_dims(qkv_weight.shape[0], num_heads, v_dim)
+    nq, inner = num_heads * qk_dim, num_heads * v_dim
     x = F.pad(input, (0, 0, 0, (ww - w % ww) % ww, 0, (wh - h % wh) % wh))
     hp, wp = x.shape[1], x.shape[2]
     sh = 0 if wh >= hp else shift_size[0]
@@ -94,14 +106,14 @@ def window_attention(
     tokens = wh * ww
     x = x.view(b, nh, wh, nw, ww, c).permute(0, 1, 3, 2, 4, 5).reshape(b * nh * nw, tokens, c)
     if logit_scale is not None and qkv_bias is not None:  # v2 keeps no key bias
-        q_b, k_b, v_b = qkv_bias.chunk(3)
-        qkv_bias = torch.cat([q_b, torch.zeros_like(k_b), v_b])
-    q, k, v = F.linear(x, qkv_weight, qkv_bias).reshape(x.shape[0], tokens, 3, num_heads, head_dim).permute(2, 0, 3, 1, 4)
+        qkv_bias = torch.cat([qkv_bias[:nq], torch.zeros_like(qkv_bias[nq:2 * nq]), qkv_bias[2 * nq:]])
+    qkv = F.linear(x, qkv_weight, qkv_bias)
+    q, k, v = (t.reshape(x.shape[0], tokens, num_heads, -1).transpose(1, 2) for t in qkv.split([nq, nq, inner], -1))
     if logit_scale is not None:
         attn = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)
         attn = attn * torch.clamp(logit_scale, max=math.log(100.0)).exp()
     else:
-        attn = (q * head_dim ** -0.5) @ k.transpose(-2, -1)
+        attn = (q * (qk_dim ** -0.5 if scale is None else scale)) @ k.transpose(-2, -1)
     attn = attn + relative_position_bias
     if sh + sw > 0:
         ids = _region_ids(hp, wh, sh, x.device)[:, None] * 3 + _region_ids(wp, ww, sw, x.device)[None, :]
@@ -120,6 +132,13 @@ def window_attention(
 
 
 torch.fx.wrap("window_attention")
+
+
+def head_dims(rows: int, heads: int, v_dim: Optional[int] = None) -> tuple[int, int]:
+    """(q/k width, v width) per head of a packed ``qkv`` with ``rows`` rows."""
+    if v_dim is None:
+        return rows // (3 * heads), rows // (3 * heads)
+    return (rows - heads * v_dim) // (2 * heads), v_dim
 
 
 def _weight_port(node: fx.Node, c: Coupling, name: str) -> Port | None:
@@ -144,17 +163,20 @@ class WindowAttentionRule(AttributeRule):
         heads = arg(node, ARGS["num_heads"], "num_heads")
         if None in (x, y, w_qkv, w_proj, bias) or not isinstance(heads, int) or bias.ndim != 4 or bias.shape[1] != heads:
             return
-        inner = w_proj.shape[1]
-        if w_qkv.shape[0] != 3 * inner or inner % heads:
+        dq, dv = head_dims(w_qkv.shape[0], heads, node.kwargs.get("v_dim"))
+        if w_proj.shape[1] != heads * dv or w_qkv.shape[0] != heads * (2 * dq + dv):
             return
-        head_dim = inner // heads
         for d in range(3):
             c.tie_dims(x, d, y, d)
         c.tie(x.space(3), w_qkv.space(1), size=x.shape[3])
         c.tie(y.space(3), w_proj.space(0), size=y.shape[3])
-        rows = arange(3 * inner)
-        c.tie(w_qkv.space(0), bias.space(1), rows, (rows % inner) // head_dim)
-        c.tie(w_proj.space(1), bias.space(1), arange(inner), arange(inner) // head_dim)
+        if _preferred() == "head_dim":
+            self._tie_head_dims(node, c, heads, dq, dv)
+        else:
+            rows = arange(w_qkv.shape[0])
+            head = np.where(rows < 2 * heads * dq, (rows % (heads * dq)) // dq, (rows - 2 * heads * dq) // dv)
+            c.tie(w_qkv.space(0), bias.space(1), rows, head)
+            c.tie(w_proj.space(1), bias.space(1), arange(heads * dv), arange(heads * dv) // dv)
         for name, other, dim in (("qkv_bias", w_qkv.space(0), 0), ("proj_bias", w_proj.space(0), 0),
                                  ("logit_scale", bias.space(1), 0)):
             p = _weight_port(node, c, name)
@@ -164,6 +186,26 @@ class WindowAttentionRule(AttributeRule):
             a = arg(node, ARGS[name], name)
             for d, n in enumerate(c.port(a).shape):
                 c.tie(c.port(a).space(d), c.param(d, n, target=str(a.target)))
+
+    def _tie_head_dims(self, node: fx.Node, c: Coupling, heads: int, dq: int, dv: int) -> None:
+        """Under the ``head_dim`` stage: feature ``d`` of every head's q and k is one unit, feature ``d`` of every
+        head's v (with the ``proj`` columns reading it) another. Cosine attention (v2) normalizes q and k over
+        their features, so there only v features are units."""
+        w_qkv, w_proj = _weight_port(node, c, "qkv_weight"), _weight_port(node, c, "proj_weight")
+        nq = heads * dq
+        qk = np.concatenate([arange(nq), nq + arange(nq)])
+        if _weight_port(node, c, "logit_scale") is None:
+            c.tie(w_qkv.space(0), w_qkv.space(0), qk, qk % dq)
+        else:
+            c.freeze(w_qkv.space(0), f"{COSINE_REASON}: {node.format_node()}", qk)
+        v = arange(heads * dv)
+        c.tie(w_qkv.space(0), w_qkv.space(0), 2 * nq + v, 2 * nq + v % dv)
+        c.tie(w_proj.space(1), w_qkv.space(0), v, 2 * nq + v % dv)
+
+    def head_dim_spaces(self, node: fx.Node) -> list[Space]:
+        """The space holding the per-head features (used by the ``head_dim`` stage): the ``qkv`` rows."""
+        w = arg(node, ARGS["qkv_weight"], "qkv_weight")
+        return [Space(w.name, 0, 0)] if isinstance(w, fx.Node) else []
 
     def frozen_reason(self, node: fx.Node, space: Space) -> str:
         if space.owner == getattr(arg(node, 3, "relative_position_bias"), "name", None):
@@ -177,14 +219,26 @@ class WindowAttentionRule(AttributeRule):
 
     def rewrite_node(self, node: fx.Node, r: RewriteContext) -> None:
         bias = arg(node, ARGS["relative_position_bias"], "relative_position_bias")
+        w_qkv = arg(node, ARGS["qkv_weight"], "qkv_weight")
+        old_heads = arg(node, ARGS["num_heads"], "num_heads")
+        dq, dv = head_dims(spec_of(w_qkv).shape[0], old_heads, node.kwargs.get("v_dim"))
+        heads = r.shape(bias)[1]
+        kept = r.kept(Space(w_qkv.name, 0, 0))
+        kwargs = dict(node.kwargs)
+        if kept is not None:
+            new_dq = int((kept < old_heads * dq).sum()) // heads
+            new_dv = int((kept >= 2 * old_heads * dq).sum()) // heads
+            if new_dv != new_dq or "v_dim" in kwargs:
+                kwargs["v_dim"] = new_dv
+            if new_dq != dq and kwargs.get("scale") is None:
+                kwargs["scale"] = dq ** -0.5  # the original temperature: shrunk == masked
         node.target = window_attention
         args = list(node.args)
-        heads = r.shape(bias)[1]
         if len(args) > ARGS["num_heads"]:
             args[ARGS["num_heads"]] = heads
         else:
-            node.kwargs = {**node.kwargs, "num_heads": heads}
-        node.args = tuple(args)
+            kwargs["num_heads"] = heads
+        node.args, node.kwargs = tuple(args), kwargs
 
     def param_slices(self, gm: fx.GraphModule, path: str, axis: int, idx: np.ndarray) -> list[tuple[str, torch.Tensor]]:
         role = next((_ROLES.get((name, axis)) for n in gm.graph.nodes if n.op == "get_attr" and n.target == path
@@ -198,10 +252,11 @@ class WindowAttentionRule(AttributeRule):
     def macs(self, node: fx.Node, s: SizeContext) -> int:
         b, h, w, c = s.shape(arg(node, 0, "input"))
         wh, ww = arg(node, ARGS["window_size"], "window_size")
-        inner = s.shape(arg(node, ARGS["proj_weight"], "proj_weight"))[1]
+        rows = s.shape(arg(node, ARGS["qkv_weight"], "qkv_weight"))[0]
+        inner = s.shape(arg(node, ARGS["proj_weight"], "proj_weight"))[1]  # heads * v_dim
         c_out = s.shape(node)[-1]
         tokens = b * (-(-h // wh) * wh) * (-(-w // ww) * ww)
-        return tokens * (c * 3 * inner + 2 * wh * ww * inner + inner * c_out)
+        return tokens * (c * rows + wh * ww * ((rows - inner) // 2 + inner) + inner * c_out)
 
 
 def _owned(node: fx.Node) -> list[str]:

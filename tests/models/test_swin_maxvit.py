@@ -17,7 +17,7 @@ from torchvision.models import swin_transformer as swin
 import fxprune
 from fxprune.graph.space import Space
 from fxprune.ops.window_attention import window_attention
-from fxprune.testing import analyze_model, channel_recipe, frozen_of, prune_and_check, units_of
+from fxprune.testing import analyze_model, assert_masked_equals_shrunk, channel_recipe, frozen_of, prune_and_check, units_of
 from fxprune.work import count_model, count_work
 
 torch.set_num_threads(1)
@@ -291,3 +291,33 @@ def test_macs_match_torchvision_published_ops(name: str, size: int) -> None:
     published = torchvision.models.get_model_weights(name).DEFAULT.meta["_ops"]
     macs = count_work(model, torch.zeros(1, 3, size, size))["macs"]
     assert macs / 1e9 == pytest.approx(published, abs=1e-3)
+
+
+HEAD_DIM_RECIPE = {"stages": [{"kind": "head_dim", "target": {"sparsity": 0.5}, "criterion": "l2"}]}
+
+
+@pytest.mark.parametrize("v2", [False, True], ids=["v1", "v2"])
+def test_swin_head_dim_stage_shrinks_per_head_features(v2: bool, tmp_path) -> None:
+    """v1: q/k and v features of every head shrink (scale pinned); v2's cosine attention keeps q/k, v shrinks."""
+    model, x = small_swin(v2), _x()
+    before = count_work(model, x)
+    pruned = fxprune.compile(model, HEAD_DIM_RECIPE, example_inputs=x)
+    entry = next(e for e in pruned.fxprune_plan.rewrites if e["pass"] == "head_dim")  # the stage's channel plan
+    assert_masked_equals_shrunk(model, fxprune.Plan(entry["kept"], entry["sizes"]), (x,), pruned)
+    for n, head_dim in zip(_attention_nodes(pruned), (4, 4, 8, 8)):
+        assert n.args[5] == 4  # every head stays
+        w_qkv, w_proj = (pruned.get_parameter(a.target) for a in n.args[1:3])
+        dv = w_proj.shape[1] // 4
+        assert n.kwargs.get("v_dim", dv) == dv
+        dq = (w_qkv.shape[0] - 4 * dv) // 8
+        assert w_proj.shape[1] == 4 * dv and w_qkv.shape[0] == 4 * (2 * dq + dv)
+        if v2:  # only v features are units: half of them go
+            assert dq == head_dim and dv == head_dim // 2
+        else:  # q/k features and v features are units of one group: half of all go
+            assert dq + dv == head_dim and dq >= 1 and dv >= 1
+            assert n.kwargs.get("scale") == (head_dim ** -0.5 if dq < head_dim else None)
+    assert count_model(pruned)["macs"] < before["macs"]
+    build = functools.partial(small_swin, v2)
+    loaded = fxprune.load(fxprune.save(pruned, tmp_path / "m.fxp", example_inputs=x), build, example_inputs=x)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), pruned(x))
