@@ -14,10 +14,15 @@ All of one head's slots form one unit, so pruning removes whole heads. The bias 
 whose constant is rewritten). The embedding dim of the input and of the output pass to ``qkv_weight``'s
 columns and ``proj_weight``'s rows.
 
-After shrinking, the node calls ``window_attention`` below: the same computation, but with the inner width
-(``heads * head_dim``) read from the weights instead of the input's channel count, and ``num_heads`` rewritten.
-A removed head is exact under masking: its q, k, v are zero, so its output ``softmax(bias) @ v`` is zero (v2's
-cosine attention normalizes a zero vector to zero).
+Under the ``head_dim`` stage (``prefer_factor("head_dim")``, see ``ops/attention.py``) the units are per-head
+features instead (a unit cannot be both "head h" and "feature d"): feature ``d`` of every head's q and k (v1 only:
+v2's cosine attention normalizes over them, so they stay frozen) and feature ``d`` of every head's v with the
+``proj`` columns reading it. The query scale is then pinned to the original ``head_dim ** -0.5``.
+
+After shrinking, the node calls ``window_attention`` below: the same computation, but with the inner widths
+(``heads * qk_dim``, ``heads * v_dim``) read from the weights instead of the input's channel count, and
+``num_heads`` rewritten. A removed head is exact under masking: its q, k, v are zero, so its output
+``softmax(bias) @ v`` is zero (v2's cosine attention normalizes a zero vector to zero).
 """
 from __future__ import annotations
 
