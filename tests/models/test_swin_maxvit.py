@@ -321,3 +321,14 @@ def test_swin_head_dim_stage_shrinks_per_head_features(v2: bool, tmp_path) -> No
     loaded = fxprune.load(fxprune.save(pruned, tmp_path / "m.fxp", example_inputs=x), build, example_inputs=x)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), pruned(x))
+
+
+def test_swin_heads_then_head_dim_on_the_rewritten_attention() -> None:
+    """The head_dim stage on a heads-pruned Swin (its nodes already call ``window_attention``) is exact too."""
+    model, x = small_swin(False), _x()
+    once = fxprune.compile(model, HEADS_RECIPE, example_inputs=x)
+    twice = fxprune.compile(once, HEAD_DIM_RECIPE, example_inputs=x)
+    entry = twice.fxprune_plan.rewrites[0]
+    assert_masked_equals_shrunk(once, fxprune.Plan(entry["kept"], entry["sizes"]), (x,), twice)
+    assert [n.args[5] for n in _attention_nodes(twice)] == [2, 2, 2, 2]
+    assert count_model(twice)["macs"] < count_model(once)["macs"]
