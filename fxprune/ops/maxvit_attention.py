@@ -2,8 +2,9 @@
 
 torchvision's ``RelativePositionalMultiHeadAttention.forward`` merges the heads back with the *input's* channel
 count (``reshape(B, G, P, D)`` where ``D = x.shape[-1]``), which only holds while ``heads * head_dim`` equals it.
-This subclass merges ``n_heads * head_dim`` features instead, so heads, input features and output features can
-each be fewer. The computation is otherwise the same (the softmax scale stays the original one).
+This subclass merges ``n_heads * v_dim`` features instead, and lets queries/keys (``qk_dim``) and values
+(``v_dim``) be narrower than ``head_dim``, so heads, per-head features, input features and output features can each
+be fewer. The computation is otherwise the same (the softmax scale stays the original one).
 """
 from __future__ import annotations
 
@@ -21,29 +22,38 @@ except ImportError:  # torchvision is optional
 _Base: Any = RelativePositionalMultiHeadAttention if RelativePositionalMultiHeadAttention is not None else nn.Module
 
 
-def qkv_rows(heads: torch.Tensor, n_heads: int, head_dim: int) -> torch.Tensor:
-    """Rows of ``to_qkv`` owned by ``heads``, as ``[len(heads), 3 * head_dim]`` (q, k and v features)."""
-    part = torch.arange(3, device=heads.device).reshape(1, 3, 1) * n_heads * head_dim
-    return (part + heads.reshape(-1, 1, 1) * head_dim + torch.arange(head_dim, device=heads.device)).reshape(len(heads), -1)
+def layout(m: nn.Module) -> tuple[int, int, int]:
+    """(heads, q/k features per head, v features per head) of torchvision's module or of ``PrunedRelPosAttention``."""
+    return m.n_heads, getattr(m, "qk_dim", m.head_dim), getattr(m, "v_dim", m.head_dim)
 
 
-def merge_cols(heads: torch.Tensor, head_dim: int) -> torch.Tensor:
-    """Columns of ``merge`` reading ``heads``, as ``[len(heads), head_dim]``."""
-    return heads.reshape(-1, 1) * head_dim + torch.arange(head_dim, device=heads.device)
+def qkv_rows(m: nn.Module, heads: torch.Tensor, qk: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Rows of ``to_qkv`` holding q, k and v features ``qk`` / ``v`` of ``heads``: three ``[len(heads), n]``."""
+    h, dq, dv = layout(m)
+    hh = heads.reshape(-1, 1)
+    q = hh * dq + qk.reshape(1, -1)
+    return q, q + h * dq, 2 * h * dq + hh * dv + v.reshape(1, -1)
+
+
+def merge_cols(m: nn.Module, heads: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Columns of ``merge`` reading v features ``v`` of ``heads``, as ``[len(heads), len(v)]``."""
+    return heads.reshape(-1, 1) * layout(m)[2] + v.reshape(1, -1)
 
 
 class PrunedRelPosAttention(_Base):
     """MaxViT attention whose merged width is ``n_heads * head_dim`` (see the module docstring)."""
 
     @classmethod
-    def select(cls, m: nn.Module, heads: torch.Tensor, inputs: torch.Tensor, outputs: torch.Tensor) -> "PrunedRelPosAttention":
-        """A new module keeping ``heads``, input features ``inputs`` and output features ``outputs`` of ``m``."""
+    def select(cls, m: nn.Module, heads: torch.Tensor, qk: torch.Tensor, v: torch.Tensor, inputs: torch.Tensor,
+               outputs: torch.Tensor) -> "PrunedRelPosAttention":
+        """A new module keeping ``heads``, per-head q/k features ``qk`` and v features ``v``, input features
+        ``inputs`` and output features ``outputs`` of ``m``."""
         new = cls.__new__(cls)
         nn.Module.__init__(new)
-        new.n_heads, new.head_dim = len(heads), m.head_dim
+        new.n_heads, new.head_dim, new.qk_dim, new.v_dim = len(heads), m.head_dim, len(qk), len(v)
         new.size, new.max_seq_len, new.scale_factor = m.size, m.max_seq_len, m.scale_factor
-        rows = qkv_rows(heads, m.n_heads, m.head_dim).reshape(len(heads), 3, -1).transpose(0, 1).reshape(-1)  # q | k | v
-        cols = merge_cols(heads, m.head_dim).reshape(-1)
+        rows = torch.cat([r.reshape(-1) for r in qkv_rows(m, heads, qk, v)])  # q | k | v, head-major inside each
+        cols = merge_cols(m, heads, v).reshape(-1)
         new.to_qkv = _linear(m.to_qkv, rows, inputs)
         new.merge = _linear(m.merge, outputs, cols)
         table = m.relative_position_bias_table
@@ -54,13 +64,13 @@ class PrunedRelPosAttention(_Base):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, g, p, _ = x.shape
-        h, dh = self.n_heads, self.head_dim
-        q, k, v = torch.chunk(self.to_qkv(x), 3, dim=-1)
-        q, k, v = (t.reshape(b, g, p, h, dh).permute(0, 1, 3, 2, 4) for t in (q, k, v))
+        h, dq, dv = self.n_heads, self.qk_dim, self.v_dim
+        q, k, v = self.to_qkv(x).split([h * dq, h * dq, h * dv], dim=-1)
+        q, k, v = (t.reshape(b, g, p, h, -1).permute(0, 1, 3, 2, 4) for t in (q, k, v))
         k = k * self.scale_factor
         scores = torch.einsum("bghid,bghjd->bghij", q, k) + self.get_relative_positional_bias()
         out = torch.einsum("bghij,bghjd->bghid", F.softmax(scores, dim=-1), v)
-        return self.merge(out.permute(0, 1, 3, 2, 4).reshape(b, g, p, h * dh))
+        return self.merge(out.permute(0, 1, 3, 2, 4).reshape(b, g, p, h * dv))
 
 
 def _linear(src: nn.Linear, rows: torch.Tensor, cols: torch.Tensor) -> nn.Linear:
@@ -73,4 +83,4 @@ def _linear(src: nn.Linear, rows: torch.Tensor, cols: torch.Tensor) -> nn.Linear
     return out
 
 
-__all__ = ["PrunedRelPosAttention", "qkv_rows", "merge_cols"]
+__all__ = ["PrunedRelPosAttention", "layout", "qkv_rows", "merge_cols"]

@@ -123,20 +123,25 @@ def _maxvit_attention(gm: torch.nn.Module) -> dict[str, torch.nn.Module]:
 
 
 def test_pruned_maxvit_attention_against_torchvision() -> None:
-    """``PrunedRelPosAttention`` keeping every head computes what torchvision's module computes; keeping heads 0 and
-    2 of 4 computes what torchvision's module computes with heads 1 and 3 zeroed by hand (q, k, v rows)."""
+    """``PrunedRelPosAttention`` keeping everything computes what torchvision's module computes; keeping heads 0 and 2
+    of 4 and q/k features 0-5, v features 2-7 of each computes what torchvision's module computes with those rows
+    zeroed by hand."""
     from fxprune.ops.maxvit_attention import PrunedRelPosAttention
 
     att = small_maxvit().get_submodule("blocks.1.layers.0.layers.window_attention.attn_layer.1")
     x = torch.randn(2, 4, 4, 32, generator=torch.Generator().manual_seed(2))
-    every, io = torch.arange(4), torch.arange(32)
+    every, dims, io = torch.arange(4), torch.arange(8), torch.arange(32)
     zeroed = copy.deepcopy(att)
     with torch.no_grad():
-        rows = torch.cat([part * 32 + torch.arange(h * 8, h * 8 + 8) for part in range(3) for h in (1, 3)])
-        zeroed.to_qkv.weight[rows] = 0
-        zeroed.to_qkv.bias[rows] = 0
-        torch.testing.assert_close(PrunedRelPosAttention.select(att, every, io, io)(x), att(x))
-        torch.testing.assert_close(PrunedRelPosAttention.select(att, torch.tensor([0, 2]), io, io)(x), zeroed(x))
+        rows = [part * 32 + torch.arange(h * 8, h * 8 + 8) for part in range(3) for h in (1, 3)]  # heads 1, 3
+        rows += [part * 32 + h * 8 + torch.tensor([6, 7]) for part in range(2) for h in range(4)]  # q/k features 6, 7
+        rows += [64 + h * 8 + torch.tensor([0, 1]) for h in range(4)]  # v features 0, 1
+        zeroed.to_qkv.weight[torch.cat(rows)] = 0
+        zeroed.to_qkv.bias[torch.cat(rows)] = 0
+        torch.testing.assert_close(PrunedRelPosAttention.select(att, every, dims, dims, io, io)(x), att(x))
+        kept = PrunedRelPosAttention.select(att, torch.tensor([0, 2]), dims[:6], dims[2:], io, io)
+        assert kept.to_qkv.weight.shape == (2 * (6 + 6 + 6), 32) and kept.merge.weight.shape == (32, 12)
+        torch.testing.assert_close(kept(x), zeroed(x))
 
 
 def test_maxvit_heads_are_units_and_embedding_frozen() -> None:
@@ -164,9 +169,10 @@ def test_maxvit_channels_stage_prunes_heads(target: str) -> None:
     removed = 0
     for path, m in after.items():
         o = original[path]
-        assert m.head_dim == o.head_dim and 1 <= m.n_heads <= o.n_heads
-        assert m.to_qkv.weight.shape == (3 * m.n_heads * m.head_dim, o.to_qkv.in_features)
-        assert m.merge.weight.shape == (o.merge.out_features, m.n_heads * m.head_dim)
+        h, dq, dv = m.n_heads, getattr(m, "qk_dim", m.head_dim), getattr(m, "v_dim", m.head_dim)
+        assert m.head_dim == o.head_dim and 1 <= h <= o.n_heads and 1 <= dq <= m.head_dim and 1 <= dv <= m.head_dim
+        assert m.to_qkv.weight.shape == (h * (2 * dq + dv), o.to_qkv.in_features)
+        assert m.merge.weight.shape == (o.merge.out_features, h * dv)
         assert m.relative_position_bias_table.shape == (o.relative_position_bias_table.shape[0], m.n_heads)
         removed += o.n_heads - m.n_heads
         assert isinstance(m, PrunedRelPosAttention) or m.n_heads == o.n_heads
@@ -332,3 +338,15 @@ def test_swin_heads_then_head_dim_on_the_rewritten_attention() -> None:
     assert_masked_equals_shrunk(once, fxprune.Plan(entry["kept"], entry["sizes"]), (x,), twice)
     assert [n.args[5] for n in _attention_nodes(twice)] == [2, 2, 2, 2]
     assert count_model(twice)["macs"] < count_model(once)["macs"]
+
+
+def test_maxvit_head_dim_stage_shrinks_per_head_features() -> None:
+    model, x = small_maxvit(), _x()
+    pruned = fxprune.compile(model, HEAD_DIM_RECIPE, example_inputs=x)
+    entry = next(e for e in pruned.fxprune_plan.rewrites if e["pass"] == "head_dim")
+    assert_masked_equals_shrunk(model, fxprune.Plan(entry["kept"], entry["sizes"]), (x,), pruned)
+    original = _maxvit_attention(model)
+    for path, m in _maxvit_attention(pruned).items():
+        assert m.n_heads == original[path].n_heads  # heads stay
+        assert m.qk_dim + m.v_dim == 8  # half of the 16 per-head features (q/k and v) go
+        assert m.to_qkv.weight.shape[0] == m.n_heads * (2 * m.qk_dim + m.v_dim)
