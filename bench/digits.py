@@ -4,7 +4,7 @@ scikit-learn's ``load_digits`` (1797 grey 8x8 images, 10 classes) split 60/20/20
 The models are small enough to train on one CPU thread in seconds:
 - ``DigitsCNN``: a residual block and a concatenation (the couplings fxprune must keep consistent);
 - ``DigitsViT``: patch-embedding conv, two pre-norm blocks with attention written as Linear q/k/v + matmul +
-  softmax (``nn.MultiheadAttention`` is not supported yet) and a Linear/GELU MLP.
+  softmax (its heads and q/k/v features prune through the matmul rules) and a Linear/GELU MLP.
 """
 from __future__ import annotations
 
