@@ -64,14 +64,16 @@ def test_data_free_criteria_need_no_data(criterion: str) -> None:
     assert pruned.get_submodule("body.0").out_channels == 16
 
 
-def test_dimap_module_scope_on_vit_prunes_only_the_mlp_family() -> None:
+def test_dimap_module_scope_on_vit_prunes_each_family() -> None:
     model = MiniViT().eval()
     x = torch.randn(2, 3, 8, 8)
     recipe = channel_recipe(0.5, criterion="dimap", scope="module",
                             modules={"qkv": ["q", "k", "v"], "proj": ["proj"], "mlp": ["fc1", "fc2"]})
     pruned = prune_and_check(model, recipe, x)
     assert pruned.fc1.out_features == 32 and pruned.fc2.in_features == 32
-    assert pruned.q.out_features == 16 and pruned.proj.out_features == 16  # frozen by matmul / LayerNorm
+    # q/k features are tied through q @ k^T and prune together; proj writes the LayerNorm-normalized stream
+    assert pruned.q.out_features == pruned.k.out_features == 8
+    assert pruned.proj.out_features == 16
 
 
 def test_multi_step_taylor_rescoring_uses_data_each_step() -> None:
