@@ -79,7 +79,8 @@ def run_channel_stage(gm: fx.GraphModule, stage: ChannelStage, ctx: ScoreContext
     plan = Plan()
     base = None
     for step in range(1, stage.steps + 1):
-        a = analyze(gm, stage.ignore)
+        options = getattr(stage, "analysis_options", {})
+        a = analyze(gm, stage.ignore, options)
         planner = planner_cls(a, criterion.score(a, ctx), stage, _removed_before(a, plan),
                           normalize=not getattr(criterion, "comparable_across_groups", False))
         if base is None:
@@ -98,6 +99,7 @@ def run_channel_stage(gm: fx.GraphModule, stage: ChannelStage, ctx: ScoreContext
         removed = planner.solve(kind, rel)
         step_plan = planner.plan(removed)
         step_plan.stats = {**planner.counter.count(planner.new_sizes(removed)), "step": step}
+        step_plan.options = dict(options)
         log.info("stage %s step %d/%d: %d units removed", stage.kind, step, stage.steps, len(removed))
         ShrinkChannels(step_plan, inputs, a)(gm)
         plan = plan.compose(step_plan)

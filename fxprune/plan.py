@@ -28,6 +28,10 @@ class Plan:
     ``rewrites`` lists, in order, the graph rewrites that follow the channel shrink (block sparsity, patch
     gathering...): each entry is a JSON-able dict whose ``"pass"`` names a function registered with
     ``fxprune.passes.replay.register_rewrite``. They are replayed after ``kept`` is applied.
+
+    ``options`` holds the analysis options the plan was made under (``{"layer_norm": "renormalize"}``: LayerNorms
+    normalize over their kept channels only, see ``ops/norm_renormalize.py``); replay and the test oracle read them.
+    Empty by default, and then not written by ``to_dict`` (plans without options keep their exact form).
     """
 
     kept: dict[str, list[int]] = field(default_factory=dict)
@@ -37,6 +41,7 @@ class Plan:
     stats: dict[str, float] = field(default_factory=dict)
     rewrites: list[dict] = field(default_factory=list)
     version: int = PLAN_VERSION
+    options: dict[str, str] = field(default_factory=dict)
 
     def kept_spaces(self) -> dict[Space, np.ndarray]:
         return {Space.parse(k): np.asarray(v, np.int64) for k, v in self.kept.items()}
@@ -57,11 +62,14 @@ class Plan:
             raise PlanError("a channel plan cannot follow graph rewrites: put channel stages before "
                             f"{self.rewrites[-1].get('pass')!r} stages")
         return Plan(kept, sizes, self.groups + later.groups, later.frozen, {**self.stats, **later.stats},
-                    self.rewrites + later.rewrites)
+                    self.rewrites + later.rewrites, options={**self.options, **later.options})
 
     def to_dict(self) -> dict:
-        return {"format": "fxprune.plan", "version": self.version, "kept": self.kept, "sizes": self.sizes,
-                "groups": self.groups, "frozen": self.frozen, "stats": self.stats, "rewrites": self.rewrites}
+        out = {"format": "fxprune.plan", "version": self.version, "kept": self.kept, "sizes": self.sizes,
+               "groups": self.groups, "frozen": self.frozen, "stats": self.stats, "rewrites": self.rewrites}
+        if self.options:
+            out["options"] = dict(self.options)
+        return out
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
@@ -74,7 +82,7 @@ class Plan:
             raise PlanError(f"plan version {data.get('version')!r} is not supported (expected {PLAN_VERSION})")
         return cls({k: list(map(int, v)) for k, v in data["kept"].items()}, dict(data["sizes"]),
                    list(data.get("groups", [])), list(data.get("frozen", [])), dict(data.get("stats", {})),
-                   [dict(r) for r in data.get("rewrites", [])])
+                   [dict(r) for r in data.get("rewrites", [])], options=dict(data.get("options", {})))
 
     @classmethod
     def from_json(cls, text: str) -> "Plan":

@@ -97,6 +97,9 @@ class ChannelStage:
         steps: prune in this many equal steps, re-scoring in between.
         max_sparsity: at most this fraction of a group's units is removed.
         seed: seed of random criteria.
+        layer_norm: ``freeze`` (default: LayerNorm-normalized dims never prune) or ``renormalize`` (they prune, and
+            each pruned LayerNorm/RMSNorm normalizes over its kept channels only; this is how a ViT's embedding
+            dim prunes, see ``fxprune/ops/norm_renormalize.py``). Written to JSON only when not the default.
     """
 
     kind: str = "channels"
@@ -109,10 +112,13 @@ class ChannelStage:
     steps: int = 1
     max_sparsity: float = 0.9
     seed: int = 0
+    layer_norm: str = "freeze"
     TARGETS: ClassVar[tuple[str, ...]] = ("sparsity", "flops", "params")
 
     def validate(self, path: str) -> None:
         validate_target(self, path)
+        if self.layer_norm not in ("freeze", "renormalize"):
+            raise RecipeError(f"{path}.layer_norm", f"must be 'freeze' or 'renormalize', got {self.layer_norm!r}")
         if self.scope not in ("local", "global", "module"):
             raise RecipeError(f"{path}.scope", f"must be 'local' or 'global' (or 'module', with modules), got {self.scope!r}")
         if not isinstance(self.modules, dict) or not all(
@@ -129,11 +135,25 @@ class ChannelStage:
         return next(iter(self.target))
 
     @property
+    def analysis_options(self) -> dict[str, str]:
+        """Options for ``analyze`` (and recorded in the plan): empty unless ``layer_norm`` is not the default."""
+        return {"layer_norm": self.layer_norm} if self.layer_norm != "freeze" else {}
+
+    @property
     def target_value(self) -> float:
         return next(iter(self.target.values()))
 
 
 Stage = Union[ChannelStage]
+
+
+def _stage_dict(stage: Any) -> dict:
+    """``dataclasses.asdict`` of a stage; a channel stage's ``layer_norm`` only when not the default ``freeze``
+    (recipes written before the field existed keep their exact form)."""
+    out = dataclasses.asdict(stage)
+    if isinstance(stage, ChannelStage) and out.get("layer_norm") == "freeze":
+        del out["layer_norm"]
+    return out
 
 
 def validate_submodule_path(path: Any) -> None:
@@ -186,7 +206,7 @@ class Recipe:
     # -- conversion ------------------------------------------------------------------------------------------
     def to_dict(self) -> dict:
         out = {"version": self.version, "leaf_modules": list(self.leaf_modules),
-               "stages": [dataclasses.asdict(s) for s in self.stages]}
+               "stages": [_stage_dict(s) for s in self.stages]}
         if self.submodule:  # written only when set: whole-model recipes keep their exact form
             out["submodule"] = self.submodule
         return out

@@ -28,8 +28,102 @@ def _zero_masked(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     return torch.where(keep, x, torch.zeros((), dtype=x.dtype, device=x.device))
 
 
+def masked_layer_norm(x: torch.Tensor, keep: torch.Tensor, weight: torch.Tensor | None = None,
+                      bias: torch.Tensor | None = None, eps: float | None = 1e-5, rms: bool = False) -> torch.Tensor:
+    """LayerNorm (``rms``: RMSNorm) over the last ``keep.ndim`` dims whose statistics span only the channels where
+    the boolean ``keep`` is true; removed channels output zero. The reference semantics of ``layer_norm:
+    renormalize`` (independent of the rewrite, which slices ``weight``/``bias`` and ``normalized_shape``)."""
+    dims = tuple(range(-keep.ndim, 0))
+    zero = torch.zeros((), dtype=x.dtype, device=x.device)
+    n = keep.sum().to(x.dtype)
+    if eps is None:
+        eps = torch.finfo(x.dtype).eps
+    xk = torch.where(keep, x, zero)
+    if rms:
+        y = xk * torch.rsqrt((xk * xk).sum(dims, keepdim=True) / n + eps)
+    else:
+        centred = torch.where(keep, x - xk.sum(dims, keepdim=True) / n, zero)
+        y = centred * torch.rsqrt((centred * centred).sum(dims, keepdim=True) / n + eps)
+    if weight is not None:
+        y = y * weight
+    if bias is not None:
+        y = y + bias
+    return torch.where(keep, y, zero)
+
+
+class _MaskedNorm(nn.Module):
+    """A leaf ``nn.LayerNorm``/``nn.RMSNorm`` (shared, unmodified) computed by ``masked_layer_norm``."""
+
+    def __init__(self, norm: nn.Module, keep: torch.Tensor) -> None:
+        super().__init__()
+        self.norm = norm
+        self.register_buffer("keep", keep)
+        self.rms = isinstance(norm, nn.RMSNorm)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return masked_layer_norm(x, self.keep, self.norm.weight, getattr(self.norm, "bias", None), self.norm.eps,
+                                 self.rms)
+
+
+def _norm_nodes(gm: fx.GraphModule) -> list[tuple[fx.Node, fx.Node, int]]:
+    """(node, input node, number of normalized dims) of every LayerNorm/RMSNorm module or function call."""
+    import torch.nn.functional as F
+
+    out = []
+    for node in gm.graph.nodes:
+        if not node.args or not isinstance(node.args[0], fx.Node):
+            continue
+        if node.op == "call_module":
+            m = gm.get_submodule(node.target)
+            if type(m).forward in (nn.LayerNorm.forward, nn.RMSNorm.forward):
+                out.append((node, node.args[0], len(m.normalized_shape)))
+        elif node.op == "call_function" and node.target in (F.layer_norm, F.rms_norm):
+            shape = node.args[1] if len(node.args) > 1 else node.kwargs["normalized_shape"]
+            out.append((node, node.args[0], 1 if isinstance(shape, int) else len(shape)))
+    return out
+
+
+def _renormalize_norms(gm: fx.GraphModule, plan: Plan, norms: list[tuple[fx.Node, fx.Node, int]]) -> None:
+    """Replace every norm whose normalized channels lose units by ``masked_layer_norm`` (``layer_norm:
+    renormalize`` plans only)."""
+    import torch.nn.functional as F
+
+    from .graph.space import Space
+
+    kept = plan.kept_spaces()
+    for i, (node, source, k) in enumerate(norms):
+        shape = spec_of(source).shape
+        keep = torch.ones(shape[len(shape) - k:], dtype=torch.bool)
+        for j in range(k):
+            idx = kept.get(Space(source.name, 0, len(shape) - k + j))
+            if idx is not None:
+                m = torch.zeros(shape[len(shape) - k + j], dtype=torch.bool)
+                m[torch.as_tensor(idx)] = True
+                keep &= m.reshape([-1 if d == j else 1 for d in range(k)])
+        if bool(keep.all()):
+            continue
+        if node.op == "call_module":
+            name = f"_fxprune_renorm_{i}"
+            gm.add_submodule(name, _MaskedNorm(gm.get_submodule(node.target), keep))
+            node.target = name
+            continue
+        rms = node.target is F.rms_norm
+        names = ("input", "normalized_shape", "weight", "eps") if rms else ("input", "normalized_shape", "weight", "bias", "eps")
+        given = {**dict(zip(names, node.args)), **node.kwargs}
+        gm.register_buffer(f"_fxprune_renorm_keep_{i}", keep)
+        with gm.graph.inserting_before(node):
+            attr = gm.graph.get_attr(f"_fxprune_renorm_keep_{i}")
+        node.target = masked_layer_norm
+        node.args = (node.args[0], attr, given.get("weight"), given.get("bias"),
+                     given.get("eps", None if rms else 1e-5), rms)
+        node.kwargs = {}
+
+
 def masked_model(model: nn.Module, plan: Plan, example_inputs: Sequence[Any], leaf_modules: Sequence[str] = ()) -> fx.GraphModule:
     """The original model with every channel the plan removes zeroed wherever it appears.
+
+    With ``plan.options["layer_norm"] == "renormalize"``, every LayerNorm/RMSNorm whose normalized channels lose
+    units computes ``masked_layer_norm``: statistics over the kept channels only, zeros at the removed ones.
 
     The result shares (unmodified) submodules with ``model``: run it in eval mode through ``_run_eval``. Leaf
     modules whose rules prune internal axes no graph tensor shows (attention heads: ``mask_removed``) are deep
@@ -39,6 +133,7 @@ def masked_model(model: nn.Module, plan: Plan, example_inputs: Sequence[Any], le
     with _eval_mode(gm):
         record_shapes(gm, tuple(example_inputs))
     _mask_leaf_internals(gm, plan)
+    norms = _norm_nodes(gm) if plan.options.get("layer_norm") == "renormalize" else []
     by_node: dict[str, dict[int, torch.Tensor]] = {}
     for space, kept in plan.kept_spaces().items():
         if space.is_param:
@@ -63,6 +158,7 @@ def masked_model(model: nn.Module, plan: Plan, example_inputs: Sequence[Any], le
         with gm.graph.inserting_after(attr):
             masked = gm.graph.call_function(_zero_masked, (node, attr))
         node.replace_all_uses_with(masked, delete_user_cb=lambda user: user is not masked)
+    _renormalize_norms(gm, plan, norms)
     gm.graph.lint()
     gm.recompile()
     return gm
@@ -227,5 +323,5 @@ def channel_recipe(target: float, kind: str = "sparsity", **fields: Any) -> dict
     return {"stages": [{"kind": "channels", "target": {kind: target}, **fields}]}
 
 
-__all__ = ["ResCatNet", "assert_masked_equals_shrunk", "masked_model", "prune_and_check", "analyze_model", "units_of",
+__all__ = ["ResCatNet", "assert_masked_equals_shrunk", "masked_model", "masked_layer_norm", "prune_and_check", "analyze_model", "units_of",
            "frozen_of", "channel_recipe"]

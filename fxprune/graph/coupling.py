@@ -38,6 +38,8 @@ class Coupling:
     choices: list[list[list[Tie]]] = field(default_factory=list)
     param_sizes: dict[Space, int] = field(default_factory=dict)
     nodes: dict[str, fx.Node] = field(default_factory=dict)
+    #: analysis options rules may read (e.g. ``{"layer_norm": "renormalize"}``); empty by default
+    options: dict[str, Any] = field(default_factory=dict)
 
     # -- reading the node -------------------------------------------------------------------------------------
     def module(self) -> nn.Module:

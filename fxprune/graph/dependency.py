@@ -11,7 +11,7 @@ import fnmatch
 import logging
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import networkx as nx
 import numpy as np
@@ -93,12 +93,13 @@ def _is_ignored(node: fx.Node, patterns: Sequence[str]) -> str | None:
     return next((p for p in patterns if fnmatch.fnmatchcase(str(node.target), p)), None)
 
 
-def _collect(gm: fx.GraphModule, ignore: Sequence[str]) -> list[_Application]:
+def _collect(gm: fx.GraphModule, ignore: Sequence[str], options: Mapping[str, Any] | None = None) -> list[_Application]:
     nodes = {n.name: n for n in gm.graph.nodes}
+    opts = dict(options or {})
     apps = []
     for node in gm.graph.nodes:
         rule = lookup(node, gm)
-        c = Coupling(node, gm, nodes=nodes)
+        c = Coupling(node, gm, nodes=nodes, options=opts)
         try:
             rule.couple(node, c)
             scope = rule.scope(node, c)
@@ -145,14 +146,16 @@ def _components(ties: list[Tie], index: dict[Space, int], offsets: np.ndarray, n
     return connected_components(adj, directed=False)[1]
 
 
-def analyze(gm: fx.GraphModule, ignore: Sequence[str] = ()) -> Analysis:
+def analyze(gm: fx.GraphModule, ignore: Sequence[str] = (), options: Mapping[str, Any] | None = None) -> Analysis:
     """Couple the channels of ``gm`` (whose nodes carry recorded shapes) into groups and units.
 
     Args:
         gm: a traced module after ``record_shapes``.
         ignore: glob patterns of module paths whose channels must not change.
+        options: analysis options every op rule can read as ``Coupling.options`` (``None``: the defaults), e.g.
+            ``{"layer_norm": "renormalize"}`` (see ``ops/norm_renormalize.py``).
     """
-    apps = _collect(gm, ignore)
+    apps = _collect(gm, ignore, options)
     sizes: dict[Space, int] = {}
     param_rules: dict[str, OpRule] = {}
     for app in apps:

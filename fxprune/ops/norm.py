@@ -2,7 +2,8 @@
 
 Per-channel norms (BatchNorm, InstanceNorm, torchvision's FrozenBatchNorm2d) shrink freely. GroupNorm removes
 whole groups only, so the other groups' statistics are unchanged. LayerNorm's statistics span the normalized
-channels, so removing one would change the others: those dims are frozen (reported).
+channels, so removing one would change the others: those dims are frozen (reported), unless the analysis runs with
+``options["layer_norm"] == "renormalize"`` (see ``norm_renormalize.py``).
 """
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ from torch import nn
 from ..graph.coupling import Coupling
 from ..graph.space import arange
 from ..passes.context import RewriteContext, SizeContext
+from .norm_renormalize import (norm_param_count, renormalizing, rewrite_normalized_shape, shrink_norm_module,
+                               tie_normalized_params)
 from .registry import OpRule, arg, register_functions, register_op
 from .tensor_attr import index_tensor, slice_attr
 
@@ -97,10 +100,13 @@ class GroupNormRule(_ChannelNorm):
 
 
 def _couple_layer_norm(node: fx.Node, c: Coupling, k: int):
-    """Pass every dim through and freeze the ``k`` normalized (last) dims; returns the input port."""
+    """Pass every dim through and freeze the ``k`` normalized (last) dims (not when renormalizing); returns the
+    input port."""
     x, y = _identity(node, c)
     if x is None or y is None:
         return None
+    if renormalizing(c):
+        return x
     for d in range(x.ndim - k, x.ndim):
         c.freeze(x.space(d), LAYER_NORM_REASON)
     return x
@@ -108,12 +114,22 @@ def _couple_layer_norm(node: fx.Node, c: Coupling, k: int):
 
 @register_op(nn.LayerNorm, nn.RMSNorm)
 class LayerNormRule(OpRule):
-    """LayerNorm over the last dims: other dims pass through, normalized dims are frozen."""
+    """LayerNorm over the last dims: other dims pass through, normalized dims are frozen (or, renormalizing, tied
+    to the weight/bias axes)."""
 
     name = "layer_norm"
 
     def couple(self, node: fx.Node, c: Coupling) -> None:
-        _couple_layer_norm(node, c, len(c.module().normalized_shape))
+        shape = tuple(c.module().normalized_shape)
+        x = _couple_layer_norm(node, c, len(shape))
+        if x is not None and renormalizing(c):
+            tie_normalized_params(c, x, shape)
+
+    def shrink_module(self, gm: fx.GraphModule, path: str, r: RewriteContext) -> None:
+        shrink_norm_module(gm, path, r)
+
+    def param_count(self, gm: fx.GraphModule, path: str, s: SizeContext) -> int:
+        return norm_param_count(gm, path, s)
 
 
 @register_op(F.layer_norm, F.rms_norm)
@@ -129,6 +145,9 @@ class LayerNormFunctionRule(OpRule):
             if p is not None:
                 for d in range(p.ndim):
                     c.tie_dims(p, d, x, x.ndim - p.ndim + d)
+
+    def rewrite_node(self, node: fx.Node, r: RewriteContext) -> None:
+        rewrite_normalized_shape(node, r)
 
 
 @register_op(F.batch_norm, F.instance_norm)

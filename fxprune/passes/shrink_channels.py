@@ -64,7 +64,7 @@ class ShrinkChannels(PassBase):
 
     def requires(self, gm: fx.GraphModule) -> None:
         if self.analysis is None:
-            self.analysis = analyze(gm)
+            self.analysis = analyze(gm, options=self.plan.options)
         check_plan(self.plan, self.analysis)
 
     def call(self, gm: fx.GraphModule) -> PassResult:
