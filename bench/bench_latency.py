@@ -10,8 +10,8 @@ vit_b_16 is measured with three recipes at 50% FLOPs: ``mlp`` (attention ignored
 """
 from __future__ import annotations
 
-import statistics
-import time
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,6 +19,9 @@ import torchvision
 
 import fxprune
 from fxprune.work import count_work
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from timing import median_ms  # noqa: E402
 
 CASES = [("resnet50", 224, "channels"), ("vit_b_16", 224, "mlp"), ("vit_b_16", 224, "heads+mlp"),
          ("vit_b_16", 224, "channels")]
@@ -29,17 +32,6 @@ HEADS = {"kind": "heads", "target": {"sparsity": 0.5}}
 
 def _macs(model: torch.nn.Module, x: torch.Tensor) -> int:
     return count_work(model, x)["macs"]
-
-
-def _median_ms(model: torch.nn.Module, x: torch.Tensor, runs: int) -> float:
-    times = []
-    with torch.inference_mode():
-        model(x)
-        for _ in range(runs):
-            t = time.perf_counter()
-            model(x)
-            times.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(times)
 
 
 def prune_half_flops(model: torch.nn.Module, x: torch.Tensor, recipe: str) -> torch.nn.Module:
@@ -61,7 +53,7 @@ def test_latency_at_half_flops(benchmark, name: str, size: int, recipe: str, bat
     x = torch.randn(batch, 3, size, size)
     pruned = prune_half_flops(model, x[:1], recipe)
     runs = 5 if batch == 1 else 3
-    dense = _median_ms(model, x, runs)
+    dense = median_ms(model, x, runs)
     fast = benchmark.pedantic(_median_ms, args=(pruned, x, runs), rounds=1, iterations=1)
     mac_ratio = _macs(model, x[:1]) / _macs(pruned, x[:1])
     speedup = dense / fast

@@ -10,7 +10,8 @@ from __future__ import annotations
 import argparse
 import logging
 import statistics
-import time
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +19,9 @@ import torchvision
 
 import fxprune
 from fxprune.work import count_work
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from timing import median_ms  # noqa: E402
 
 log = logging.getLogger(__name__)
 PROPOSAL = "torchvision:mobilenet_v3_small"
@@ -33,25 +37,14 @@ def build(z: float = 0.5, size: int = 224, name: str = "vit_b_16") -> tuple[torc
     return model, fxprune.compile(model, recipe, example_inputs=torch.randn(1, 3, size, size))
 
 
-def _median_ms(model: torch.nn.Module, x: torch.Tensor, runs: int) -> float:
-    times = []
-    with torch.inference_mode():
-        model(x)
-        for _ in range(runs):
-            t = time.perf_counter()
-            model(x)
-            times.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(times)
-
-
 def measure(model: torch.nn.Module, pruned: torch.nn.Module, batch: int, runs: int, size: int = 224,
             name: str = "vit_b_16", z: float = 0.5) -> dict:
     """Dense and pruned latency (alternating, median of ``runs`` each) and MACs at ``batch``."""
     x = torch.randn(batch, 3, size, size)
     dense, fast = [], []
     for _ in range(runs):
-        dense.append(_median_ms(model, x, 1))
-        fast.append(_median_ms(pruned, x, 1))
+        dense.append(median_ms(model, x, 1))
+        fast.append(median_ms(pruned, x, 1))
     d_ms, p_ms = statistics.median(dense), statistics.median(fast)
     macs_d, macs_p = count_work(model, x[:1])["macs"], count_work(pruned, x[:1])["macs"]
     return {"model": name, "z": z, "batch": batch, "dense_ms": d_ms, "papr_ms": p_ms, "speedup": d_ms / p_ms,

@@ -32,7 +32,7 @@ from .errors import RecipeError
 from .graph.dependency import Analysis
 from .plan import Plan
 from .planner import Planner, _GroupOrder
-from .recipe import register_stage, validate_common, validate_target
+from .recipe import Targeted, register_stage, validate_common, validate_target
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ class HeadPlanner(Planner):
 
 @register_stage("heads")
 @dataclass
-class HeadStage:
+class HeadStage(Targeted):
     """Remove whole attention heads (and rewrite ``num_heads`` and every reshape constant that depends on it).
 
     Fields:
@@ -105,13 +105,6 @@ class HeadStage:
             raise RecipeError(f"{path}.scope", f"must be 'local' or 'global', got {self.scope!r}")
         validate_common(self, path, ("round_to", "steps"))
 
-    @property
-    def target_kind(self) -> str:
-        return next(iter(self.target))
-
-    @property
-    def target_value(self) -> float:
-        return next(iter(self.target.values()))
 
 
 @stage_runner(HeadStage)

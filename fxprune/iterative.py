@@ -35,7 +35,7 @@ from .graph.dependency import analyze
 from .passes.shrink_channels import ShrinkChannels
 from .plan import Plan
 from .planner import Planner
-from .recipe import ChannelStage, register_stage, validate_common, validate_target
+from .recipe import ChannelStage, Targeted, register_stage, validate_common, validate_target
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ def _number(value: object) -> bool:
 
 @register_stage("iterative")
 @dataclass
-class IterativeStage:
+class IterativeStage(Targeted):
     """Prune the most profitable groups step by step, measured by ``evaluate``, fine-tuning after each step.
 
     Fields:
@@ -84,16 +84,9 @@ class IterativeStage:
         validate_common(self, path, ("layers_per_step", "steps", "round_to"))
 
     @property
-    def target_kind(self) -> str:
-        return next(iter(self.target))
-
-    @property
     def metric(self) -> str:
         return "macs" if self.target_kind == "flops" else "params"
 
-    @property
-    def target_value(self) -> float:
-        return next(iter(self.target.values()))
 
 
 def _replay(gm: fx.GraphModule, plan: Plan, inputs: tuple, analysis) -> fx.GraphModule:

@@ -78,9 +78,23 @@ def validate_common(stage: Any, path: str, counts: tuple[str, ...]) -> None:
         raise RecipeError(f"{path}.seed", f"must be an integer, got {stage.seed!r}")
 
 
+class Targeted:
+    """Stages with a validated one-key ``target`` mapping (``{"flops": 0.5}``...)."""
+
+    target: dict
+
+    @property
+    def target_kind(self) -> str:
+        return next(iter(self.target))
+
+    @property
+    def target_value(self) -> float:
+        return next(iter(self.target.values()))
+
+
 @register_stage("channels")
 @dataclass
-class ChannelStage:
+class ChannelStage(Targeted):
     """Remove whole channels (filters, features, groups) and shrink every coupled layer.
 
     Fields:
@@ -131,17 +145,10 @@ class ChannelStage:
         validate_common(self, path, ("round_to", "steps"))
 
     @property
-    def target_kind(self) -> str:
-        return next(iter(self.target))
-
-    @property
     def analysis_options(self) -> dict[str, str]:
         """Options for ``analyze`` (and recorded in the plan): empty unless ``layer_norm`` is not the default."""
         return {"layer_norm": self.layer_norm} if self.layer_norm != "freeze" else {}
 
-    @property
-    def target_value(self) -> float:
-        return next(iter(self.target.values()))
 
 
 Stage = Union[ChannelStage]

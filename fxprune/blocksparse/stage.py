@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from ..errors import RecipeError
-from ..recipe import register_stage
+from ..recipe import Targeted, register_stage
 
 
 def _fraction(value: object, path: str) -> float:
@@ -32,7 +32,7 @@ def _patterns(value: object, path: str) -> list[str]:
 
 @register_stage("blocksparse")
 @dataclass
-class BlockSparseStage:
+class BlockSparseStage(Targeted):
     """Remove whole ``block``-shaped tiles of linear weights (LPViT, arXiv 2407.02068).
 
     Fields:
@@ -102,13 +102,6 @@ class BlockSparseStage:
                                                  f"got {b!r}")
         self.latency = float(b)
 
-    @property
-    def target_kind(self) -> str:
-        return next(iter(self.target))
-
-    @property
-    def target_value(self) -> float:
-        return next(iter(self.target.values()))
 
     @property
     def block_shape(self) -> tuple[int, int]:
