@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import statistics
 import sys
-import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -28,6 +28,9 @@ import torch
 import fxprune
 from fxprune.nn import BlockSparseLinear
 from fxprune.work import count_work
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from timing import interleaved_ms  # noqa: E402
 
 MODEL = "deit_tiny_patch16_224"
 BATCHES = (1, 8)
@@ -52,28 +55,14 @@ def linear_macs(model: torch.nn.Module, paths: list[str], tokens: int) -> int:
                for m in (model.get_submodule(p) for p in paths))
 
 
-def interleaved_ms(dense: torch.nn.Module, sparse: torch.nn.Module, x: torch.Tensor,
-                   rounds: int) -> dict[str, list[float]]:
-    """Per-run wall and thread-CPU ms of each model, timed alternately so both see the same machine load."""
-    times: dict[str, list[float]] = {"dense": [], "sparse": [], "dense_cpu": [], "sparse_cpu": []}
-    with torch.inference_mode():
-        dense(x), sparse(x)  # warm-up
-        for r in range(rounds):
-            for key, m in (("dense", dense), ("sparse", sparse)) if r % 2 == 0 else (("sparse", sparse), ("dense", dense)):
-                start, cpu = time.perf_counter(), time.thread_time()
-                m(x)
-                times[key + "_cpu"].append((time.thread_time() - cpu) * 1e3)
-                times[key].append((time.perf_counter() - start) * 1e3)
-    return times
-
-
 def measure(model: torch.nn.Module, pruned: torch.nn.Module, batch: int, sparsity: float) -> dict[str, Any]:
     x = torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(batch))
     with torch.inference_mode():
         torch.testing.assert_close(pruned(x[:1]), pruned(x[:1]))
     # every linear layer the stage could prune: all but the head (dense or block-sparse now)
     paths = [n for n, m in pruned.named_modules() if isinstance(m, (torch.nn.Linear, BlockSparseLinear)) and n != "head"]
-    t = {k: statistics.median(v) for k, v in interleaved_ms(model, pruned, x, ROUNDS.get(batch, 5)).items()}
+    calls = {"dense": lambda: model(x), "sparse": lambda: pruned(x)}
+    t = {k: statistics.median(v) for k, v in interleaved_ms(calls, ROUNDS.get(batch, 5)).items()}
     dense_ms, sparse_ms = t["dense"], t["sparse"]
     one = x[:1]
     return {"model": MODEL, "batch": batch, "sparsity": sparsity,

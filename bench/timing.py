@@ -21,16 +21,22 @@ def median_ms(model: torch.nn.Module, x: torch.Tensor, runs: int) -> float:
 
 
 def interleaved_ms(calls: dict[str, Callable[[], object]], runs: int) -> dict[str, list[float]]:
-    """Wall times in milliseconds of each call, ``runs`` rounds that call each one once in turn (after one warm-up
-    round), in inference mode. Interleaving spreads the machine's slow spells over all calls alike, so ratios of the
-    minima or medians are fair even on a shared machine."""
-    times: dict[str, list[float]] = {name: [] for name in calls}
+    """Per-run times in milliseconds of each call over ``runs`` rounds that call each one once, in inference mode,
+    after one warm-up round. Every other round runs the calls in reverse order. Interleaving spreads the machine's
+    slow spells over all calls alike, so ratios of minima or medians stay fair on a shared machine.
+
+    Returns the wall times under each name, and the calling thread's CPU times under ``name + "_cpu"`` (steadier
+    when other processes compete for the cores, but blind to intra-op worker threads)."""
+    times: dict[str, list[float]] = {}
+    for name in calls:
+        times[name], times[name + "_cpu"] = [], []
     with torch.inference_mode():
         for call in calls.values():
             call()
-        for _ in range(runs):
-            for name, call in calls.items():
-                t = time.perf_counter()
+        for r in range(runs):
+            for name, call in (list(calls.items()) if r % 2 == 0 else list(calls.items())[::-1]):
+                start, cpu = time.perf_counter(), time.thread_time()
                 call()
-                times[name].append((time.perf_counter() - t) * 1e3)
+                times[name + "_cpu"].append((time.thread_time() - cpu) * 1e3)
+                times[name].append((time.perf_counter() - start) * 1e3)
     return times
