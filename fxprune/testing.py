@@ -325,3 +325,21 @@ def channel_recipe(target: float, kind: str = "sparsity", **fields: Any) -> dict
 
 __all__ = ["ResCatNet", "assert_masked_equals_shrunk", "masked_model", "masked_layer_norm", "prune_and_check", "analyze_model", "units_of",
            "frozen_of", "channel_recipe"]
+
+
+def assert_compiles(model: nn.Module, *inputs: Any, backend: str = "aot_eager", atol: float = 1e-5,
+                    rtol: float = 1e-5) -> nn.Module:
+    """Assert that ``torch._dynamo.explain`` finds one graph and no graph break in ``model(*inputs)``, and that
+    ``torch.compile(model, backend=backend, fullgraph=True)`` computes what eager does. Returns the compiled model."""
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(model)(*inputs)
+    name = type(model).__name__
+    assert explained.graph_break_count == 0, f"{name}: {explained.graph_break_count} graph breaks: {explained.break_reasons}"
+    assert explained.graph_count == 1, f"{name}: dynamo made {explained.graph_count} graphs, not 1"
+    compiled = torch.compile(model, backend=backend, fullgraph=True)
+    with torch.no_grad():
+        want, got = tensors_of(model(*inputs)), tensors_of(compiled(*inputs))
+    assert len(want) == len(got), f"{name}: eager returns {len(want)} tensors, compiled {len(got)}"
+    for i, (w, g) in enumerate(zip(want, got)):
+        torch.testing.assert_close(g, w, atol=atol, rtol=rtol, msg=lambda m: f"{name} output {i}: compiled != eager: {m}")
+    return compiled

@@ -9,6 +9,7 @@ import torchvision
 from torch import nn
 
 import fxprune
+from fxprune.testing import assert_compiles
 
 RECIPE = {"stages": [{"kind": "channels", "target": {"flops": 0.5}, "criterion": "l2"}]}
 MODELS = [("resnet18", 32), ("mobilenet_v3_small", 32), ("shufflenet_v2_x0_5", 32)]
@@ -31,12 +32,7 @@ def _fresh_dynamo() -> None:
 @pytest.mark.parametrize("name,size", MODELS)
 def test_fullgraph_compile_has_no_graph_breaks_and_matches_eager(name: str, size: int) -> None:
     _, pruned, x = _prune(name, size)
-    explained = torch._dynamo.explain(pruned)(x)
-    assert explained.graph_break_count == 0, explained.break_reasons
-    assert explained.graph_count == 1
-    compiled = torch.compile(pruned, backend="aot_eager", fullgraph=True)
-    with torch.no_grad():
-        torch.testing.assert_close(compiled(x), pruned(x), atol=1e-5, rtol=1e-5)
+    assert_compiles(pruned, x)
 
 
 @pytest.mark.parametrize("name,size", MODELS)

@@ -17,7 +17,7 @@ from torchvision.models import swin_transformer as swin
 import fxprune
 from fxprune.graph.space import Space
 from fxprune.ops.window_attention import window_attention
-from fxprune.testing import analyze_model, assert_masked_equals_shrunk, channel_recipe, frozen_of, prune_and_check, units_of
+from fxprune.testing import analyze_model, assert_compiles, assert_masked_equals_shrunk, channel_recipe, frozen_of, prune_and_check, units_of
 from fxprune.work import count_model, count_work
 
 torch.set_num_threads(1)
@@ -187,12 +187,7 @@ def test_pruned_swin_compiles_fullgraph_without_graph_breaks() -> None:
     model, x = small_swin(v2=True), _x()
     pruned = fxprune.compile(model, channel_recipe(0.5), example_inputs=x)
     assert any(n.args[5] < 4 for n in _attention_nodes(pruned))  # heads really went
-    torch._dynamo.reset()
-    explained = torch._dynamo.explain(pruned)(x)
-    assert explained.graph_break_count == 0, explained.break_reasons
-    compiled = torch.compile(pruned, backend="aot_eager", fullgraph=True)
-    with torch.no_grad():
-        torch.testing.assert_close(compiled(x), pruned(x), atol=1e-5, rtol=1e-5)
+    assert_compiles(pruned, x)
 
 
 @pytest.mark.parametrize("build", [functools.partial(small_swin, True), small_maxvit], ids=["swin_v2", "maxvit"])

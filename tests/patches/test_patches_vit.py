@@ -14,6 +14,7 @@ from torch import nn
 import fxprune
 from fxprune.passes.gather_patches import SUBMODULE
 
+from fxprune.testing import assert_compiles
 from papr_reference import reference_token_indices, take
 
 GRID = (4, 4)  # 32x32 images, 8x8 patches
@@ -123,12 +124,7 @@ def test_fullgraph_compile_without_graph_breaks(name: str, tiny_proposal: nn.Mod
     torch._dynamo.reset()
     model, x = MODELS[name][0](), _images(2)
     pruned = fxprune.compile(model, _recipe(0.5), example_inputs=x)
-    explained = torch._dynamo.explain(pruned)(x)
-    assert explained.graph_break_count == 0, explained.break_reasons
-    assert explained.graph_count == 1
-    compiled = torch.compile(pruned, backend="aot_eager", fullgraph=True)
-    with torch.no_grad():
-        torch.testing.assert_close(compiled(x), pruned(x), atol=1e-5, rtol=1e-5)
+    assert_compiles(pruned, x)
 
 
 def test_default_mobilenet_proposal_and_batch_sizes() -> None:
