@@ -110,12 +110,14 @@ class GatherPatches(PassBase):
             ``pos_embed``, ``mlp`` or a node name), or, from a plan, the resolved ``"mode"`` and ``"node"`` /
             ``"regions"`` (then nothing is searched for again).
         example_inputs: the inputs whose shapes were recorded; ``ensures`` re-runs them.
+        weights: where the proposal's weights come from (``fxprune.patches.build_proposal``); not part of the entry.
 
     After ``__call__``, ``self.entry`` is the resolved, JSON-able plan entry.
     """
 
-    def __init__(self, entry: dict, example_inputs: Sequence[Any]) -> None:
+    def __init__(self, entry: dict, example_inputs: Sequence[Any], weights: str | None = None) -> None:
         self.entry = dict(entry)
+        self.weights = weights
         self.example_inputs = tuple(example_inputs)
         self.site: TokenSite | None = None
         self.regions: list[MlpRegion] = []
@@ -176,7 +178,7 @@ class GatherPatches(PassBase):
         name = self.entry["proposal"]
         image_node = next(n for n in gm.graph.nodes if n.op == "placeholder")
         image = next((x for x in self.example_inputs if isinstance(x, torch.Tensor)), None)
-        proposal = build_proposal(name)
+        proposal = build_proposal(name, self.weights)
         if image is not None:
             proposal_feature_shape(proposal, name, image)
         gm.add_submodule(SUBMODULE, PatchSignificance(proposal, name))
@@ -249,9 +251,11 @@ class GatherPatches(PassBase):
 
 
 @register_rewrite("patches")
-def gather_patches(gm: fx.GraphModule, entry: dict, example_inputs: tuple) -> dict:
-    """Apply (or replay) a ``patches`` plan entry to ``gm`` in place; returns the resolved entry."""
-    p = GatherPatches(entry, example_inputs)
+def gather_patches(gm: fx.GraphModule, entry: dict, example_inputs: tuple, weights: str | None = None) -> dict:
+    """Apply (or replay) a ``patches`` plan entry to ``gm`` in place; returns the resolved entry. ``weights`` (the
+    stage's ``proposal_weights``) is loaded into the new proposal; a replay leaves it out, as the saved state dict
+    holds the proposal's weights."""
+    p = GatherPatches(entry, example_inputs, weights)
     p(gm)
     return p.entry
 

@@ -9,6 +9,9 @@ Recipes are JSON, so a proposal is named by a string:
 * any name registered with ``register_proposal(name, module_or_factory)``: a trained ``nn.Module`` instance (it is
   deep-copied into each pruned model, so yours is never changed) or a zero-argument factory returning one.
 
+The stage's ``proposal_weights`` loads weights into the new proposal: a torchvision weights name (``"DEFAULT"``)
+for a ``torchvision:`` proposal, or a state-dict file for any proposal (see ``build_proposal``).
+
 The proposal becomes a submodule of the pruned ``GraphModule``, so its weights travel in the state dict that
 ``fxprune.save`` writes; ``fxprune.load`` rebuilds the architecture from the same name and loads them back.
 
@@ -21,6 +24,7 @@ from __future__ import annotations
 import copy
 import difflib
 import logging
+from pathlib import Path
 from typing import Callable, Union
 
 import torch
@@ -102,19 +106,100 @@ def check_proposal_name(name: str) -> None:
                           f"(registered: {listed}) or use '{TORCHVISION_PREFIX}<model>', e.g. '{DEFAULT_PROPOSAL}'")
 
 
-def build_proposal(name: str) -> nn.Module:
-    """A fresh proposal module for ``name``, in eval mode (never the registered object itself)."""
+WEIGHT_FILES = (".pt", ".pth", ".bin", ".safetensors")
+
+
+def is_weights_file(weights: str) -> bool:
+    """Whether a ``proposal_weights`` value names a state-dict file (rather than torchvision weights)."""
+    return weights.endswith(WEIGHT_FILES) or "/" in weights or "\\" in weights
+
+
+def check_proposal_weights(name: str, weights: str) -> None:
+    """Raise ``ValueError`` unless ``weights`` suits proposal ``name``: an existing state-dict file (``.pt``,
+    ``.pth``, ``.bin``, ``.safetensors``) for any proposal, or a torchvision weights name (``DEFAULT``,
+    ``IMAGENET1K_V1``, ...) for a ``torchvision:`` proposal."""
+    if is_weights_file(weights):
+        if not Path(weights).is_file():
+            raise ValueError(f"state-dict file '{weights}' does not exist")
+        return
+    if not name.startswith(TORCHVISION_PREFIX):
+        raise ValueError(f"'{weights}' is not a state-dict file path (.pt, .pth, .bin, .safetensors); a registered "
+                         f"proposal such as '{name}' takes weights only from a file")
+    import torchvision
+
+    known = list(torchvision.models.get_model_weights(name[len(TORCHVISION_PREFIX):]).__members__)
+    if weights not in known:
+        raise ValueError(f"torchvision has no weights '{weights}' for '{name}' (known: {', '.join(known)}), and it "
+                         "is not a state-dict file path (.pt, .pth, .bin, .safetensors)")
+
+
+def _read_state_dict(path: str) -> dict[str, torch.Tensor]:
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]  # a training checkpoint
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"proposal_weights: '{path}' holds no state dict (a mapping of names to tensors)")
+    return state
+
+
+def _load_weights(candidates: list[nn.Module], path: str, name: str) -> None:
+    """Load the state dict at ``path`` into the first of ``candidates`` whose keys it matches exactly (for a
+    torchvision proposal: the whole classifier, then the part kept before pooling)."""
+    state = _read_state_dict(path)
+    for module in candidates:
+        if set(state) == set(module.state_dict()):
+            module.load_state_dict(state)
+            return
+    own = set(candidates[-1].state_dict())
+    missing, unexpected = sorted(own - set(state)), sorted(set(state) - own)
+    raise ValueError(f"proposal_weights: state dict '{path}' does not fit proposal '{name}' ({type(candidates[-1]).__name__}): "
+                     f"missing {missing[:4]}{' ...' if len(missing) > 4 else ''}, "
+                     f"unexpected {unexpected[:4]}{' ...' if len(unexpected) > 4 else ''}")
+
+
+def _torchvision_model(model_name: str, weights: str | None) -> nn.Module:
+    import torchvision
+
+    if weights is None or is_weights_file(weights):
+        return torchvision.models.get_model(model_name, weights=None)
+    try:
+        return torchvision.models.get_model(model_name, weights=weights)
+    except (OSError, RuntimeError) as exc:  # URLError is an OSError
+        raise ValueError(f"proposal_weights: could not fetch torchvision weights '{weights}' for '{model_name}' "
+                         f"({type(exc).__name__}: {exc}); fetch them once where the network is reachable (they are "
+                         "cached under torch.hub.get_dir()) or give a state-dict file instead") from exc
+
+
+def build_proposal(name: str, weights: str | None = None) -> nn.Module:
+    """A fresh proposal module for ``name``, in eval mode (never the registered object itself).
+
+    Args:
+        name: a registered name or ``"torchvision:<model>"``.
+        weights: ``None`` (a registered module as registered; torchvision models with random weights), a
+            torchvision weights name (``"DEFAULT"``, ``"IMAGENET1K_V1"``, ...; fetched once by torchvision and
+            cached), or a state-dict file (``.pt``, ``.pth``, ``.bin``, ``.safetensors``) of the proposal or, for a
+            torchvision proposal, of the whole classifier.
+    """
     check_proposal_name(name)
+    if weights is not None:
+        check_proposal_weights(name, weights)
     if name in _PROPOSALS:
         source = _PROPOSALS[name]
         module = copy.deepcopy(source) if isinstance(source, nn.Module) else source()
         if not isinstance(module, nn.Module):
             raise TypeError(f"the factory of proposal '{name}' returned {type(module).__name__}, not an nn.Module")
+        if weights is not None:
+            _load_weights([module], weights, name)
     else:
-        import torchvision
-
         model_name = name[len(TORCHVISION_PREFIX):]
-        module = _cut_before_pooling(torchvision.models.get_model(model_name, weights=None), model_name)
+        model = _torchvision_model(model_name, weights)
+        module = _cut_before_pooling(model, model_name)
+        if weights is not None and is_weights_file(weights):
+            _load_weights([model, module], weights, name)
     return module.eval()
 
 
@@ -133,5 +218,5 @@ def proposal_feature_shape(module: nn.Module, name: str, image: torch.Tensor) ->
     return tuple(out.shape)
 
 
-__all__ = ["register_proposal", "registered_proposals", "build_proposal", "check_proposal_name",
+__all__ = ["register_proposal", "registered_proposals", "build_proposal", "check_proposal_name", "check_proposal_weights",
            "proposal_feature_shape", "UnknownProposal", "DEFAULT_PROPOSAL"]

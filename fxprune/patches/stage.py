@@ -14,7 +14,7 @@ from ..api import stage_runner
 from ..errors import RecipeError
 from ..plan import Plan
 from ..recipe import register_stage
-from .proposal import DEFAULT_PROPOSAL, UnknownProposal, check_proposal_name
+from .proposal import DEFAULT_PROPOSAL, UnknownProposal, check_proposal_name, check_proposal_weights
 
 WHERE = ("auto", "pos_embed", "mlp")
 ATTENTION = ("sdpa", "gathered")
@@ -30,6 +30,11 @@ class PatchStage:
             (always kept); hierarchical models run each MLP on ``int(H * W * z)`` positions of its stage's grid.
         proposal: ``"torchvision:<model>"`` (built with ``weights=None``, cut before global pooling) or a name
             registered with ``fxprune.patches.register_proposal`` (e.g. a trained module).
+        proposal_weights: ``None`` (as built or registered), a torchvision weights name for a ``torchvision:``
+            proposal (``"DEFAULT"``, ``"IMAGENET1K_V1"``; torchvision fetches them once and caches them), or a
+            state-dict file (``.pt``, ``.pth``, ``.bin``, ``.safetensors``) of the proposal or of the whole
+            torchvision classifier. The weights end up in the pruned model's state dict, so ``fxprune.load`` needs
+            neither the file nor the network.
         where: ``auto`` (ViT: after the position embedding; else the channels-last MLPs of Swin / ConvNeXt),
             ``pos_embed``, ``mlp``, or the name of the graph node whose ``(B, N, D)`` output is gathered.
         attention: ``sdpa`` (default: every block runs unchanged on the kept tokens) or ``gathered`` (ViTs with
@@ -40,6 +45,7 @@ class PatchStage:
     kind: str = "patches"
     keep: float = 0.5
     proposal: str = DEFAULT_PROPOSAL
+    proposal_weights: str | None = None
     where: str = "auto"
     attention: str = "sdpa"
     rewrites_graph: ClassVar[bool] = True
@@ -55,6 +61,14 @@ class PatchStage:
             check_proposal_name(self.proposal)
         except UnknownProposal as exc:
             raise RecipeError(f"{path}.proposal", str(exc)) from exc
+        if self.proposal_weights is not None:
+            if not isinstance(self.proposal_weights, str) or not self.proposal_weights:
+                raise RecipeError(f"{path}.proposal_weights", "must be a torchvision weights name or a state-dict "
+                                  f"file path, got {self.proposal_weights!r}")
+            try:
+                check_proposal_weights(self.proposal, self.proposal_weights)
+            except ValueError as exc:
+                raise RecipeError(f"{path}.proposal_weights", str(exc)) from exc
         if not isinstance(self.where, str) or not self.where:
             raise RecipeError(f"{path}.where", f"must be one of {', '.join(WHERE)} or a node name, got {self.where!r}")
         if self.attention not in ATTENTION:
@@ -67,7 +81,8 @@ def run_patch_stage(gm: fx.GraphModule, stage: PatchStage, ctx: object, inputs: 
     from ..passes.gather_patches import gather_patches
 
     entry = gather_patches(gm, {"pass": "patches", "keep": stage.keep, "proposal": stage.proposal,
-                                "where": stage.where, "attention": stage.attention}, inputs)
+                                "where": stage.where, "attention": stage.attention}, inputs,
+                           weights=stage.proposal_weights)
     return Plan(rewrites=[entry])
 
 
