@@ -179,6 +179,9 @@ class GatherPatches(PassBase):
         image_node = next(n for n in gm.graph.nodes if n.op == "placeholder")
         image = next((x for x in self.example_inputs if isinstance(x, torch.Tensor)), None)
         proposal = build_proposal(name, self.weights)
+        like = image if image is not None else next(gm.parameters(), None)
+        if like is not None and like.is_floating_point():  # the model's device and precision (a GPU / fp16 model)
+            proposal = proposal.to(device=like.device, dtype=like.dtype)
         if image is not None:
             proposal_feature_shape(proposal, name, image)
         gm.add_submodule(SUBMODULE, PatchSignificance(proposal, name))

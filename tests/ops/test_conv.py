@@ -65,3 +65,14 @@ def test_grouped_conv_shrinks_groups() -> None:
     pruned = prune_and_check(model, recipe(0.5), torch.randn(2, 3, 8, 8))
     assert (pruned.conv.groups, pruned.conv.in_channels, pruned.conv.out_channels) == (2, 6, 10)
     assert pruned.conv.weight.shape == (10, 3, 3, 3)
+
+
+def test_channels_last_weights_stay_channels_last() -> None:
+    """A model the user converted to channels_last keeps that layout in every shrunk conv weight."""
+    model = ConvChain(nn.Conv2d(16, 24, 3, padding=1)).eval().to(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 8, 8).to(memory_format=torch.channels_last)
+    pruned = prune_and_check(model, recipe(0.5), x)
+    for name in ("stem", "conv"):  # (the 1x1 head's weight is contiguous in both layouts)
+        w = pruned.get_submodule(name).weight
+        assert w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous(), name
+    assert pruned.conv.weight.shape[:2] != model.conv.weight.shape[:2]  # it really was shrunk

@@ -162,3 +162,21 @@ def test_stage_with_weights_round_trips_through_json(tmp_path) -> None:
     again = fxprune.Recipe.load(json.loads(json.dumps(recipe.to_dict())))
     assert again == recipe
     assert isinstance(again.stages[0], PatchStage) and again.stages[0].proposal_weights == str(path)
+
+
+def test_proposal_follows_the_model_precision(tiny_proposal: nn.Module) -> None:
+    """A half-precision ViT gets a half-precision proposal (built in float32, then moved like the input image)."""
+    vit = torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=1, num_heads=2, hidden_dim=16,
+                                               mlp_dim=32, num_classes=4).eval().half()
+    x = torch.randn(2, 3, 32, 32).half()
+    pruned = fxprune.compile(vit, _recipe(proposal="tests:tiny"), example_inputs=x[:1])
+    papr = pruned.get_submodule(SUBMODULE)
+    assert all(p.dtype == torch.float16 for p in papr.proposal.parameters())
+    seen = {}
+    handle = papr.register_forward_hook(lambda m, i, o: seen.update(sig=o))
+    with torch.no_grad():
+        out = pruned(x)
+        want = papr.proposal(x).float().mean(1, keepdim=True)  # PaPr's map: the channel mean of the proposal
+    handle.remove()
+    assert out.dtype == torch.float16 and out.shape == (2, 4) and torch.isfinite(out).all()
+    assert torch.equal(seen["sig"], want)
