@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import PlanError
-from ..trace import TensorSpec, spec_of
+from ..trace import TensorSpec, register_autowrap_function, spec_of
 
 _SDPA = (F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention)
 
@@ -31,6 +31,9 @@ def gathered_attention_heads_first(qkv: torch.Tensor, idx: torch.Tensor, scale: 
     from fxprune.kernels.gathered_attention import gathered_attention
 
     return gathered_attention(qkv, idx, scale, check_indices=False).transpose(1, 2)
+
+
+register_autowrap_function(gathered_attention_heads_first)  # one node when a pruned model is traced again
 
 
 def _only_user(node: fx.Node) -> Optional[fx.Node]:

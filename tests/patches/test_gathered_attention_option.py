@@ -78,3 +78,28 @@ def test_unsupported_models_and_bad_values(tiny_proposal: nn.Module) -> None:
         fxprune.compile(convnext, _recipe(), example_inputs=torch.randn(1, 3, 32, 32))
     with pytest.raises(RecipeError, match=r"stages\[0\]\.attention.*sdpa, gathered"):
         fxprune.Recipe.load(_recipe("flash"))
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "gathered"])
+def test_tokens_dropped_after_a_later_block_and_the_model_traces_again(attention: str,
+                                                                       tiny_proposal: nn.Module) -> None:
+    """``where`` names the residual add that ends block 0: block 0 sees every token, block 1 only the kept ones
+    (with ``gathered``, block 1 reads its packed qkv by index). The pruned model traces again: ``report`` counts it
+    and a further channel stage prunes it."""
+    model = _deit()
+    torch.manual_seed(6)
+    x = torch.randn(3, 3, 32, 32)
+    recipe = {"stages": [{"kind": "patches", "keep": 0.5, "proposal": "tests:tiny", "attention": attention,
+                          "where": "add_2"}]}
+    pruned = fxprune.compile(model, recipe, example_inputs=x[:1])
+    idx = reference_token_indices(tiny_proposal, x, (4, 4), 0.5)
+    with torch.no_grad():
+        t = torch.cat([model.cls_token.expand(3, -1, -1), model.patch_embed(x)], 1) + model.pos_embed
+        t = take(model.blocks[0](model.norm_pre(t)), idx)
+        want = model.head(model.norm(model.blocks[1](t))[:, 0])
+        torch.testing.assert_close(pruned(x), want, atol=1e-5, rtol=1e-5)
+    dense, full = fxprune.report(model, model, x[:1]), fxprune.report(model, pruned, x[:1])
+    assert 0.5 < full.macs_ratio < 0.9 and dense.macs_ratio == 1
+    again = fxprune.testing.prune_and_check(pruned, {"stages": [{"kind": "channels", "target": {"flops": 0.3}}]},
+                                            x[:1])
+    assert fxprune.report(model, again, x[:1]).macs_ratio < full.macs_ratio
