@@ -43,9 +43,27 @@ def as_input_tuple(example_inputs: Any) -> tuple:
     raise ExampleInputsError(f"example_inputs must be a tensor or a tuple of inputs, got {type(example_inputs).__name__}")
 
 
-def _check_model(model: Any) -> None:
+def unwrap_model(model: Any) -> nn.Module:
+    """The plain ``nn.Module`` inside a ``torch.compile`` or ``DataParallel`` / ``DistributedDataParallel`` wrapper
+    (with a warning: the pruned result is not wrapped again); TorchScript and non-modules are refused."""
+    if isinstance(model, torch.jit.ScriptModule):
+        raise TypeError(f"model is a TorchScript module ({type(model).__name__}); fxprune traces Python code with "
+                        "torch.fx: pass the nn.Module from before torch.jit.script / torch.jit.trace")
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    while True:
+        if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
+            inner, how = model._orig_mod, "torch.compile"
+        elif isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            inner, how = model.module, type(model).__name__
+        else:
+            return model
+        log.warning("pruning the %s inside %s; the pruned model is a plain GraphModule (wrap it again if needed)",
+                    type(inner).__name__, how)
+        model = inner
+
+
+def _check_model(model: Any) -> None:
     meta = [n for n, p in model.named_parameters() if p.is_meta]
     if meta:
         raise FxPruneError(f"parameter '{meta[0]}' is on the meta device: load real weights before pruning (criteria read weights)")
@@ -140,6 +158,7 @@ def compile(  # noqa: A001  (the name users expect)
         ...                          example_inputs=torch.randn(1, 3, 64, 64))
     """
     recipe = Recipe.load(recipe)
+    model = unwrap_model(model)
     _check_model(model)
     inputs = as_input_tuple(example_inputs)
     if recipe.submodule:  # partial tracing: prune one traceable submodule, return the whole model

@@ -259,12 +259,20 @@ class Recipe:
 
     @classmethod
     def load(cls, recipe: Union["Recipe", dict, str, Path]) -> "Recipe":
-        """Accept a ``Recipe``, a dict, or a path to a YAML/JSON file."""
+        """Accept a ``Recipe``, a dict, a path to a YAML/JSON file, or YAML/JSON text (a string that names no file
+        and parses to a mapping)."""
         if isinstance(recipe, Recipe):
             recipe.validate()
             return recipe
         if isinstance(recipe, dict):
             return cls.from_dict(recipe)
+        if isinstance(recipe, str) and not Path(recipe).is_file():
+            try:
+                text = yaml.safe_load(recipe)
+            except yaml.YAMLError:
+                text = None
+            if isinstance(text, dict):
+                return cls.from_dict(text)
         if isinstance(recipe, (str, Path)):
             return cls.from_file(recipe)
         raise RecipeError("<root>", f"expected a Recipe, dict or file path, got {type(recipe).__name__}")

@@ -141,9 +141,35 @@ def test_not_a_module() -> None:
         fxprune.compile(lambda x: x, channel_recipe(0.5), example_inputs=X)
 
 
+def test_torchscript_is_refused_and_wrappers_are_unwrapped(caplog) -> None:
+    with pytest.raises(TypeError, match=r"TorchScript module.*pass the nn.Module from before torch.jit.script"):
+        fxprune.compile(torch.jit.script(Net().eval()), channel_recipe(0.5), example_inputs=X)
+    torch.manual_seed(0)
+    inner = Net().eval()
+    want = fxprune.compile(inner, channel_recipe(0.5), example_inputs=X)
+    for wrapped, how in ((torch.compile(inner), "torch.compile"), (nn.DataParallel(inner), "DataParallel")):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="fxprune.api"):
+            got = fxprune.compile(wrapped, channel_recipe(0.5), example_inputs=X)
+        assert f"inside {how}" in caplog.text
+        assert isinstance(got, torch.fx.GraphModule) and got.fxprune_plan.kept == want.fxprune_plan.kept
+        with torch.no_grad():
+            assert torch.equal(got(X), want(X))
+
+
 def test_unknown_criterion_lists_available_ones() -> None:
     with pytest.raises(RecipeError, match=r"'stages\[0\].criterion': unknown criterion 'magic'; available: .*l2"):
         fxprune.compile(Net(), channel_recipe(0.5, criterion="magic"), example_inputs=X)
+
+
+def test_recipe_given_as_yaml_or_json_text() -> None:
+    net = Net().eval()
+    as_dict = fxprune.compile(net, channel_recipe(0.5), example_inputs=X)
+    for text in ("stages: [{kind: channels, target: {sparsity: 0.5}}]",
+                 '{"stages": [{"kind": "channels", "target": {"sparsity": 0.5}}]}'):
+        assert fxprune.compile(net, text, example_inputs=X).fxprune_plan.kept == as_dict.fxprune_plan.kept
+    with pytest.raises(RecipeError, match=r"'stages\[0\]\.target\.flops': must be in \[0, 1\)"):
+        fxprune.compile(Net(), "stages: [{target: {flops: 1.5}}]", example_inputs=X)
 
 
 def test_recipe_file_missing_or_unparsable(tmp_path) -> None:
