@@ -18,7 +18,7 @@ from .passes.shrink_channels import ShrinkChannels
 from .plan import Plan
 from .planner import Planner
 from .recipe import ChannelStage, Recipe
-from .trace import record_shapes, spec_of, trace
+from .trace import record_shapes, spec_of, trace, unwrap
 
 log = logging.getLogger(__name__)
 _STAGE_RUNNERS: dict[type, Callable[..., Plan]] = {}
@@ -51,16 +51,11 @@ def unwrap_model(model: Any) -> nn.Module:
                         "torch.fx: pass the nn.Module from before torch.jit.script / torch.jit.trace")
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    while True:
-        if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
-            inner, how = model._orig_mod, "torch.compile"
-        elif isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
-            inner, how = model.module, type(model).__name__
-        else:
-            return model
+    inner, wrappers = unwrap(model)
+    if wrappers:
         log.warning("pruning the %s inside %s; the pruned model is a plain GraphModule (wrap it again if needed)",
-                    type(inner).__name__, how)
-        model = inner
+                    type(inner).__name__, " inside ".join(wrappers))
+    return inner
 
 
 def _check_model(model: Any) -> None:

@@ -7,7 +7,7 @@ from typing import Any
 
 from torch import nn
 
-from .trace import record_shapes, trace
+from .trace import record_shapes, trace, unwrap
 from .work import count_model
 
 _WIDTHS = (("in_channels", "out_channels"), ("in_features", "out_features"), ("num_features", "num_features"),
@@ -61,6 +61,7 @@ def report(before: nn.Module, after: nn.Module, example_inputs: Any) -> Report:
     """
     inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
     sub = getattr(getattr(after, "fxprune_recipe", None), "submodule", "") or ""
+    before, after = unwrap(before)[0], unwrap(after)[0]  # torch.compile / DataParallel wrappers
     if sub:
         from .partial import capture_inputs
 

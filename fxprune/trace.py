@@ -126,6 +126,20 @@ def _user_frame(exc: BaseException) -> str:
     return "<unknown location>"
 
 
+def unwrap(model: nn.Module) -> tuple[nn.Module, list[str]]:
+    """The plain module inside ``torch.compile`` / ``DataParallel`` / ``DistributedDataParallel`` wrappers, and the
+    wrappers' names, outermost first (none for a plain module)."""
+    wrappers = []
+    while True:
+        if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
+            model, name = model._orig_mod, "torch.compile"
+        elif isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            model, name = model.module, type(model).__name__
+        else:
+            return model, wrappers
+        wrappers.append(name)
+
+
 def trace(model: nn.Module, leaf_modules: Sequence[str] = (), autowrap_functions: Iterable[Callable] = ()) -> fx.GraphModule:
     """Symbolically trace ``model`` (which is not modified) into a ``GraphModule``.
 

@@ -141,7 +141,7 @@ def test_not_a_module() -> None:
         fxprune.compile(lambda x: x, channel_recipe(0.5), example_inputs=X)
 
 
-def test_torchscript_is_refused_and_wrappers_are_unwrapped(caplog) -> None:
+def test_torchscript_is_refused_and_wrappers_are_looked_through(caplog) -> None:
     with pytest.raises(TypeError, match=r"TorchScript module.*pass the nn.Module from before torch.jit.script"):
         fxprune.compile(torch.jit.script(Net().eval()), channel_recipe(0.5), example_inputs=X)
     torch.manual_seed(0)
@@ -155,6 +155,11 @@ def test_torchscript_is_refused_and_wrappers_are_unwrapped(caplog) -> None:
         assert isinstance(got, torch.fx.GraphModule) and got.fxprune_plan.kept == want.fxprune_plan.kept
         with torch.no_grad():
             assert torch.equal(got(X), want(X))
+        # report and count_work look through the wrappers too, on either side
+        assert fxprune.report(wrapped, got, X).macs_ratio == fxprune.report(inner, want, X).macs_ratio < 0.9
+        assert fxprune.work.count_work(wrapped, X) == fxprune.work.count_work(inner, X)
+    compiled = fxprune.compile(inner, channel_recipe(0.5), example_inputs=X, backend="aot_eager")
+    assert fxprune.report(inner, compiled, X).macs_ratio == fxprune.report(inner, want, X).macs_ratio
 
 
 def test_unknown_criterion_lists_available_ones() -> None:
