@@ -34,7 +34,7 @@ from .api import as_input_tuple
 from .errors import FxPruneError, PlanError
 from .passes.replay import apply_plan
 from .plan import Plan
-from .trace import record_shapes, trace
+from .trace import record_shapes, trace, unwrap
 
 log = logging.getLogger(__name__)
 
@@ -140,12 +140,12 @@ def read_metadata(path: Union[str, Path]) -> dict[str, Any]:
 
 def _instantiate(model_or_constructor: Union[nn.Module, Callable[[], nn.Module]]) -> nn.Module:
     if isinstance(model_or_constructor, nn.Module):
-        return copy.deepcopy(model_or_constructor)  # never touch the caller's model
+        return copy.deepcopy(unwrap(model_or_constructor)[0])  # never touch the caller's model
     if callable(model_or_constructor):
         model = model_or_constructor()
         if not isinstance(model, nn.Module):
             raise TypeError(f"the constructor returned {type(model).__name__}, not a torch.nn.Module")
-        return model
+        return unwrap(model)[0]
     raise TypeError(f"expected an nn.Module or a zero-argument constructor, got {type(model_or_constructor).__name__}")
 
 

@@ -113,6 +113,11 @@ def test_compiled_result_is_unwrapped(resnet18: nn.Module, tmp_path: Path) -> No
     assert loaded.fxprune_plan.kept == compiled.fxprune_plan.kept
     with torch.no_grad():
         torch.testing.assert_close(loaded(X), compiled(X))
+    # the model to rebuild on may itself be wrapped (torch.compile, DataParallel): fxprune looks through it
+    for wrapped in (torch.compile(resnet18), nn.DataParallel(resnet18)):
+        again = fxprune.load(tmp_path / "c.fxp", wrapped, X)
+        with torch.no_grad():
+            assert torch.equal(again(X), loaded(X))
 
 
 def test_training_mode_is_restored(tmp_path: Path) -> None:
