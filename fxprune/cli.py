@@ -97,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Prune a torchvision or timm model (random weights unless you load your own "
                                    "through the Python API), print a before/after table and save the result.")
     p.add_argument("model", type=model_spec, help="torchvision:<name> or timm:<name>")
-    p.add_argument("--recipe", help="a YAML/JSON recipe file (instead of --target/--criterion)")
+    p.add_argument("--recipe", help="a YAML/JSON recipe file or inline YAML/JSON text (instead of --target/--criterion)")
     p.add_argument("--target", type=target_spec, help="what to remove, e.g. flops=0.5 (default), params=0.3, sparsity=0.5")
     p.add_argument("--criterion", help="channel criterion (default l2); the CLI passes no calibration data, so use a "
                                        "data-free one: l1, l2, bn_scale, random")
@@ -129,15 +129,23 @@ def recipe_from_args(args: argparse.Namespace) -> Recipe:
     return Recipe.load({"stages": [stage]})
 
 
-def create_model(source: str, name: str) -> nn.Module:
-    """A randomly initialised model from torchvision or timm, in eval mode."""
+def create_model(source: str, name: str, input_size: int | None = None) -> nn.Module:
+    """A randomly initialised model from torchvision or timm, in eval mode. Models built for one image size (ViTs)
+    are built for ``input_size`` when they take it (torchvision ``image_size``, timm ``img_size``)."""
     if source == "torchvision":
         import torchvision
 
-        return torchvision.models.get_model(name, weights=None).eval()
-    import timm
+        build, size_arg = (lambda **kw: torchvision.models.get_model(name, weights=None, **kw)), "image_size"
+    else:
+        import timm
 
-    return timm.create_model(name, pretrained=False).eval()
+        build, size_arg = (lambda **kw: timm.create_model(name, pretrained=False, **kw)), "img_size"
+    if input_size is not None:
+        try:
+            return build(**{size_arg: input_size}).eval()
+        except TypeError:  # the constructor takes no image size: any size runs through it
+            pass
+    return build().eval()
 
 
 @torch.inference_mode()
@@ -198,7 +206,7 @@ def cmd_prune(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         parser.error(str(exc))
     source, name = args.model
     torch.manual_seed(args.seed)
-    model = create_model(source, name)
+    model = create_model(source, name, args.input_size)
     x = torch.randn(args.batch, 3, args.input_size, args.input_size)
     pruned = fx_compile(model, recipe, example_inputs=x)
     rows, rep = compare(model, pruned, (x,), args.runs)
@@ -211,8 +219,20 @@ def cmd_prune(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     return 0
 
 
+def _describe_stage(stage: object) -> str:
+    """``channels flops=0.5 by l2``, ``patches keep=0.5``: the fields a stage kind has, in one line."""
+    parts = [stage.kind]
+    if hasattr(stage, "target_kind"):
+        parts.append(f"{stage.target_kind}={stage.target_value:g}")
+    if hasattr(stage, "keep"):
+        parts.append(f"keep={stage.keep:g}")
+    if getattr(stage, "criterion", None):
+        parts.append(f"by {stage.criterion}")
+    return " ".join(parts)
+
+
 def _describe(recipe: Recipe) -> str:
-    return "; ".join(f"{s.kind} {s.target_kind}={s.target_value:g} by {s.criterion}" for s in recipe.stages)
+    return "; ".join(_describe_stage(s) for s in recipe.stages)
 
 
 def cmd_demo(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:

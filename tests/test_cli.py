@@ -60,6 +60,20 @@ def test_prune_saves_a_file_that_loads_like_a_fresh_compile(tmp_path: Path) -> N
         torch.testing.assert_close(loaded(x), fresh(x), atol=1e-5, rtol=1e-5)
 
 
+def test_prune_with_an_inline_recipe_of_every_graph_rewriting_kind(tmp_path: Path, capsys) -> None:
+    """``--recipe`` as YAML text, with stage kinds that have no channel target (heads, blocksparse, patches)."""
+    out = tmp_path / "vit.fxp"
+    recipe = ("stages: [{kind: heads, target: {sparsity: 0.5}}, "
+              "{kind: blocksparse, target: {sparsity: 0.5}, block: [16, 16], criterion: l2}, {kind: patches, keep: 0.5}]")
+    code = main(["prune", "timm:deit_tiny_patch16_224", "--input-size", "64", "--recipe", recipe, "--runs", "1",
+                 "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert code == 0
+    assert "heads sparsity=0.5 by l2; blocksparse sparsity=0.5 by l2; patches keep=0.5" in printed
+    assert float(_row(printed, "MACs")[2].rstrip("x")) < 0.4
+    assert out.is_file()
+
+
 def test_bad_argument_exits_2_with_a_message() -> None:
     proc = _run("prune", "torchvision:resnet18", "--target", "flop=0.5")
     assert proc.returncode == 2
