@@ -235,13 +235,26 @@ class GatherPatches(PassBase):
         self.entry.pop("where", None)
         log.info("patches: %d MLPs run on kept positions (grids %s)", len(self.regions), sorted(indices))
 
+    def _hint(self, gm: fx.GraphModule) -> str:
+        """Why the shortened sequence may not run: a per-position table (rotary embeddings) read after the gather."""
+        if self.site is not None and self.kept is not None:
+            site, later = self.site, _downstream(self.kept)
+            sizes = {site.n_tokens, site.grid[0] * site.grid[1]}
+            tables = [n for n in gm.graph.nodes if n.op == "get_attr" and isinstance(spec_of(n), TensorSpec)
+                      and sizes & set(spec_of(n).shape) and any(u in later for u in n.users)]
+            if tables:
+                t = tables[0]
+                return (f"A per-position tensor %{t.name} of shape {tuple(spec_of(t).shape)} (e.g. rotary position "
+                        "embeddings) is applied after the gather, which only shortens the token sequence: models "
+                        "that use position tables inside their blocks (EVA, RoPE ViTs) are not supported")
+        return "If a node hard-codes the sequence length, pass an earlier node as recipe 'where' or report the model"
+
     # -- ensures -------------------------------------------------------------------------------------------------
     def ensures(self, gm: fx.GraphModule) -> None:
         try:
             record_shapes(gm, self.example_inputs)
         except ExampleInputsError as exc:
-            raise RewriteError(f"after gathering patches the graph no longer runs: {exc}. If a node hard-codes the "
-                               "sequence length, pass an earlier node as recipe 'where' or report the model") from exc
+            raise RewriteError(f"after gathering patches the graph no longer runs: {exc}. {self._hint(gm)}") from exc
         out = next(n for n in gm.graph.nodes if n.op == "output")
         after = [spec_of(a) for a in out.all_input_nodes]
         if after != self.before:

@@ -132,3 +132,16 @@ def test_load_without_the_registered_proposal_says_how_to_fix_it(tmp_path, tiny_
     del registry._PROPOSALS["tests:ephemeral"]  # a fresh process that never registered it
     with pytest.raises(KeyError, match="unknown proposal 'tests:ephemeral'.*fxprune.patches.register_proposal"):
         fxprune.load(path, _vit)
+
+
+def test_rotary_position_tables_after_the_gather_are_named(tiny_proposal) -> None:
+    """EVA-02 applies rotary embeddings (a per-position table) inside every block: the error names the table."""
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model("eva02_tiny_patch14_224", pretrained=False, img_size=56).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(fxprune.errors.RewriteError,
+                       match=r"per-position tensor %\w+ of shape \(16, \d+\) \(e.g. rotary position embeddings\)"):
+        fxprune.compile(model, {"stages": [{"kind": "patches", "keep": 0.5}]}, example_inputs=torch.randn(1, 3, 56, 56))
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
