@@ -38,6 +38,8 @@ SUBMODULE = "papr"
 MODES = ("tokens", "mlp")
 _SHAPE_METHODS = {"view", "reshape", "expand", "new_zeros", "new_ones", "new_empty", "new_full", "unflatten",
                   "repeat", "tile"}
+_RESHAPES = {"view", "reshape", "expand", "unflatten", "repeat", "tile", torch.reshape, torch.unflatten,
+             torch.broadcast_to}  # sizes of their tensor input: rewritten only where that input carries tokens
 _SHAPE_FUNCTIONS = {torch.reshape, torch.zeros, torch.ones, torch.empty, torch.full, torch.unflatten,
                     torch.broadcast_to, operator.eq, operator.ne}
 
@@ -73,14 +75,17 @@ def _sizes(node: fx.Node) -> list:
 def rewrite_sequence_length(node: fx.Node, old: int, new: int) -> None:
     """Replace the constant sequence length ``old`` by ``new`` in a shape op or comparison downstream of the gather.
 
-    Where the op's sizes line up with its recorded output shape, only the first size at a dim that held ``old``
-    changes: tokens come before features in ``(B, N, D)``, ``(B, N, 3, H, D)`` and ``(B, H, N, D)`` layouts, so a
-    hidden width that happens to equal ``old`` is left alone."""
+    Where the op's sizes line up with its recorded output shape, the first dim that held ``old`` is the token dim
+    (tokens come before features in ``(B, N, D)``, ``(B, N, 3, H, D)`` and ``(B, H, N, D)`` layouts): its size
+    changes if it is the constant ``old``, and nothing changes if it is computed at run time (``x.shape[1]``, ``-1``),
+    so a head or hidden width that happens to equal ``old`` is left alone either way."""
     spec = spec_of(node)
     sizes = _sizes(node) if node.target not in (operator.eq, operator.ne) else []
     if isinstance(spec, TensorSpec) and len(sizes) == len(spec.shape) and all(
             isinstance(v, (int, fx.Node)) and not isinstance(v, bool) for v in sizes):
-        at = [i for i, v in enumerate(sizes) if isinstance(v, int) and v == old and spec.shape[i] == old][:1]
+        token_dim = next(i for i, size in enumerate(spec.shape) if size == old) if old in spec.shape else None
+        at = [token_dim] if token_dim is not None and isinstance(sizes[token_dim], int) and sizes[token_dim] == old \
+            else []
         fixed = [new if i in at else v for i, v in enumerate(sizes)]
         grouped = len(node.args) - (1 if node.op == "call_method" or node.target in (torch.reshape, torch.broadcast_to)
                                     else 0) == 1 and isinstance(node.args[-1], (list, tuple))
@@ -89,6 +94,24 @@ def rewrite_sequence_length(node: fx.Node, old: int, new: int) -> None:
         return
     node.args = _replace_length(node.args, old, new)
     node.kwargs = {key: _replace_length(v, old, new) for key, v in node.kwargs.items()}
+
+
+def _carries_tensors(spec: Any) -> bool:
+    return isinstance(spec, TensorSpec) or (isinstance(spec, tuple) and any(_carries_tensors(v) for v in spec))
+
+
+def _data_downstream(node: fx.Node) -> set[fx.Node]:
+    """Nodes that take tensors computed from ``node``'s output, through tensor edges only: a shape read
+    (``x.shape[0]``) is included, what is computed from the size it reads is not."""
+    seen, todo = {node}, [node]
+    while todo:
+        current = todo.pop()
+        for user in current.users:
+            if user not in seen:
+                seen.add(user)
+                if _carries_tensors(spec_of(user)):
+                    todo.append(user)
+    return seen
 
 
 def _downstream(node: fx.Node) -> list[fx.Node]:
@@ -204,7 +227,10 @@ class GatherPatches(PassBase):
         site.node.replace_all_uses_with(kept, delete_user_cb=lambda user: user is not kept)
         self.kept = kept
         if k != n:
+            carried = _data_downstream(kept)
             for node in _downstream(kept):
+                if node.target in _RESHAPES and node not in carried:
+                    continue  # reshapes a tensor without tokens (an attention-pool query); only its batch size is read
                 if (node.op == "call_method" and node.target in _SHAPE_METHODS) or (
                         node.op == "call_function" and node.target in _SHAPE_FUNCTIONS):
                     rewrite_sequence_length(node, n, k)
