@@ -25,7 +25,7 @@ ELEMENTWISE = (
     F.sigmoid, F.tanh, F.softplus, F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout,
     "add", "sub", "mul", "div", "neg", "abs", "exp", "sqrt", "rsqrt", "relu", "relu_", "sigmoid", "tanh",
     "clamp", "clamp_min", "clamp_max", "pow", "add_", "mul_", "sigmoid_", "hardswish", "contiguous", "clone",
-    "float", "half", "bfloat16", "to", "type", "type_as", "detach", "__add__", "__mul__", "__radd__", "__rmul__",
+    "float", "half", "bfloat16", "detach", "__add__", "__mul__", "__radd__", "__rmul__",
 )
 
 # Ops that keep the leading (batch, channel) dims and change the trailing spatial ones.
@@ -53,6 +53,19 @@ class ElementwiseRule(OpRule):
         if y is None:
             return
         for x in c.ports(list(node.args) + list(node.kwargs.values())):
+            c.tie_broadcast(x, y)
+
+
+@register_op("to", "type", "type_as")
+class CastRule(OpRule):
+    """``x.to(...)``, ``x.type(...)``, ``x.type_as(other)``: the output is ``x`` in another dtype or device; any other
+    tensor argument only lends its dtype, whatever its shape."""
+
+    name = "cast"
+
+    def couple(self, node: fx.Node, c: Coupling) -> None:
+        x, y = c.port(node.args[0]), c.out()
+        if x is not None and y is not None:
             c.tie_broadcast(x, y)
 
 

@@ -91,3 +91,27 @@ def test_mean_over_channels_freezes_them() -> None:
     model = PoolingZoo(channel_mean=True).eval()
     a = analyze_model(model, torch.randn(2, 3, 8, 8))
     assert frozen_of(a, "@conv:0:0").all()  # y.mean(1) averages over channels: pruning would change it
+
+
+class Casts(nn.Module):
+    """Casts whose other argument lends only its dtype: ``type_as`` a 5-d tensor, ``to`` a 1-d one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.mid, self.head = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 1), nn.Conv2d(8, 3, 1)
+        self.register_buffer("like", torch.zeros(2, 3, 4, 5, 6))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.stem(x)).type_as(self.like)
+        h = self.mid(h).to(self.like.new_zeros(1)).type(torch.float32)
+        gate = torch.sigmoid(h.mean((0, 2, 3))).type_as(h)  # a 1-d tensor cast like a 4-d one
+        return self.head(torch.relu(h) * gate.view(1, -1, 1, 1))
+
+
+def test_casts_tie_only_their_input() -> None:
+    model = Casts().eval()
+    x = torch.randn(2, 3, 6, 6)
+    a = analyze_model(model, x)
+    assert len(units_of(a, "@stem:0:0")) == 8 and not frozen_of(a, "@stem:0:0").any()
+    pruned = prune_and_check(model, channel_recipe(0.5), x)
+    assert pruned.stem.out_channels == 4
