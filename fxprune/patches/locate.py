@@ -73,16 +73,26 @@ def _module(gm: fx.GraphModule, node: fx.Node) -> Optional[nn.Module]:
 
 
 def find_patch_grid(gm: fx.GraphModule) -> PatchGrid:
-    """The first ``Conv2d`` reading a graph input with ``stride == kernel_size`` (a patch embedding)."""
+    """The first ``Conv2d`` reading a graph input with ``stride == kernel_size`` (a patch embedding); failing that,
+    a hybrid embedding (a CNN stem, as in timm's ``vit_*_r50_*``): the last ``Conv2d`` before the first ``(B, N, D)``
+    tensor whose ``(B, D, h, w)`` output is those ``N = h * w`` tokens."""
     inputs = {n for n in gm.graph.nodes if n.op == "placeholder"}
+    last_conv: Optional[tuple[fx.Node, tuple[int, ...]]] = None
     for node in gm.graph.nodes:
-        m = _module(gm, node)
-        if isinstance(m, nn.Conv2d) and node.args and node.args[0] in inputs and m.stride == m.kernel_size:
-            shape = _shape(node)
-            if shape is not None and len(shape) == 4:
+        m, shape = _module(gm, node), _shape(node)
+        if isinstance(m, nn.Conv2d) and shape is not None and len(shape) == 4:
+            if node.args and node.args[0] in inputs and m.stride == m.kernel_size:
                 return PatchGrid(node, (shape[2], shape[3]))
+            last_conv = (node, shape)
+        elif shape is not None and len(shape) == 3 and last_conv is not None:
+            conv, (_, width, h, w) = last_conv
+            if shape[1] == h * w and shape[2] == width:
+                return PatchGrid(conv, (h, w))
+            if shape[1:] != (width, h * w):  # (B, D, N) is the flatten before the transpose to tokens
+                break
     raise PlanError("no patch-embedding convolution found: expected a Conv2d reading the model's input with "
-                    "stride == kernel_size (a ViT's patch embedding)")
+                    "stride == kernel_size (a ViT's patch embedding), or a CNN stem whose last Conv2d map becomes "
+                    "the token sequence (a hybrid ViT)")
 
 
 def _is_add(node: fx.Node) -> bool:
