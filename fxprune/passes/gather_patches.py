@@ -23,8 +23,8 @@ import torch.fx as fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from ..errors import ExampleInputsError, PlanError, RewriteError
-from ..patches.locate import (MlpRegion, TokenSite, check_token_site, find_mlp_regions, find_patch_grid, find_region,
-                              find_token_site)
+from ..patches.locate import (MlpRegion, TokenSite, check_token_site, downstream, find_mlp_regions, find_patch_grid,
+                              find_region, find_token_site)
 from ..patches.fuse_attention import fuse_first_attention
 from ..patches.proposal import build_proposal, proposal_feature_shape
 from ..patches.select import (PatchSignificance, gather_positions, gather_tokens, keep_count, scatter_positions,
@@ -100,28 +100,15 @@ def _carries_tensors(spec: Any) -> bool:
     return isinstance(spec, TensorSpec) or (isinstance(spec, tuple) and any(_carries_tensors(v) for v in spec))
 
 
-def _data_downstream(node: fx.Node) -> set[fx.Node]:
+def _carried(node: fx.Node) -> set[fx.Node]:
     """Nodes that take tensors computed from ``node``'s output, through tensor edges only: a shape read
     (``x.shape[0]``) is included, what is computed from the size it reads is not."""
-    seen, todo = {node}, [node]
-    while todo:
-        current = todo.pop()
-        for user in current.users:
-            if user not in seen:
-                seen.add(user)
-                if _carries_tensors(spec_of(user)):
-                    todo.append(user)
-    return seen
+    return downstream(node, lambda user: _carries_tensors(spec_of(user)))
 
 
-def _downstream(node: fx.Node) -> list[fx.Node]:
-    seen, todo = {node}, [node]
-    while todo:
-        for user in todo.pop().users:
-            if user not in seen:
-                seen.add(user)
-                todo.append(user)
-    return [n for n in node.graph.nodes if n in seen and n is not node]
+def _in_order(node: fx.Node) -> list[fx.Node]:
+    later = downstream(node)
+    return [n for n in node.graph.nodes if n in later]
 
 
 class GatherPatches(PassBase):
@@ -227,8 +214,8 @@ class GatherPatches(PassBase):
         site.node.replace_all_uses_with(kept, delete_user_cb=lambda user: user is not kept)
         self.kept = kept
         if k != n:
-            carried = _data_downstream(kept)
-            for node in _downstream(kept):
+            carried = _carried(kept)
+            for node in _in_order(kept):
                 if node.target in _RESHAPES and node not in carried:
                     continue  # reshapes a tensor without tokens (an attention-pool query); only its batch size is read
                 if (node.op == "call_method" and node.target in _SHAPE_METHODS) or (
@@ -264,7 +251,7 @@ class GatherPatches(PassBase):
     def _hint(self, gm: fx.GraphModule) -> str:
         """Why the shortened sequence may not run: a per-position table (rotary embeddings) read after the gather."""
         if self.site is not None and self.kept is not None:
-            site, later = self.site, _downstream(self.kept)
+            site, later = self.site, downstream(self.kept)
             sizes = {site.n_tokens, site.grid[0] * site.grid[1]}
             tables = [n for n in gm.graph.nodes if n.op == "get_attr" and isinstance(spec_of(n), TensorSpec)
                       and sizes & set(spec_of(n).shape) and any(u in later for u in n.users)]

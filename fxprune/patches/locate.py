@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.fx as fx
@@ -109,13 +109,16 @@ def check_token_site(node: fx.Node, grid: PatchGrid) -> TokenSite:
     return TokenSite(node, grid.grid, shape[1] - n_patches)
 
 
-def _downstream(node: fx.Node) -> set[fx.Node]:
+def downstream(node: fx.Node, follow: Callable[[fx.Node], bool] = lambda n: True) -> set[fx.Node]:
+    """The nodes that use ``node``'s output, directly or through other nodes (``node`` itself excluded); the walk
+    goes on through a user only where ``follow(user)`` holds (the user itself is still included)."""
     seen, todo = set(), [node]
     while todo:
         for user in todo.pop().users:
             if user not in seen:
                 seen.add(user)
-                todo.append(user)
+                if follow(user):
+                    todo.append(user)
     return seen
 
 
@@ -128,7 +131,7 @@ def find_token_site(gm: fx.GraphModule, where: str = "auto") -> TokenSite:
             raise PlanError(f"no node named '{where}' in the graph (recipe 'where' names the node whose output is "
                             f"gathered)")
         return check_token_site(named[where], grid)
-    after = _downstream(grid.conv)
+    after = downstream(grid.conv)
     for node in gm.graph.nodes:
         if node not in after or not _is_add(node):
             continue
@@ -223,7 +226,7 @@ def find_mlp_regions(gm: fx.GraphModule) -> list[MlpRegion]:
     regions, used = [], set()
     from_input: set[fx.Node] = set()  # MLPs on parameters (Swin v2's position-bias MLP) are not per image
     for p in (n for n in gm.graph.nodes if n.op == "placeholder"):
-        from_input |= _downstream(p)
+        from_input |= downstream(p)
     for node in gm.graph.nodes:
         if node in used or node not in from_input or not _is_linear(gm, node):
             continue
