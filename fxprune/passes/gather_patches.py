@@ -23,8 +23,8 @@ import torch.fx as fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from ..errors import ExampleInputsError, PlanError, RewriteError
-from ..patches.locate import (MlpRegion, TokenSite, check_token_site, downstream, find_mlp_regions, find_patch_grid,
-                              find_region, find_token_site)
+from ..patches.locate import (MAX_PREFIX, MlpRegion, TokenSite, check_token_site, downstream, find_mlp_regions,
+                              find_patch_grid, find_region, find_token_site)
 from ..patches.fuse_attention import fuse_first_attention
 from ..patches.proposal import build_proposal, proposal_feature_shape
 from ..patches.select import (PatchSignificance, gather_positions, gather_tokens, keep_count, scatter_positions,
@@ -83,6 +83,8 @@ def rewrite_sequence_length(node: fx.Node, old: int, new: int) -> None:
     sizes = _sizes(node) if node.target not in (operator.eq, operator.ne) else []
     if isinstance(spec, TensorSpec) and len(sizes) == len(spec.shape) and all(
             isinstance(v, (int, fx.Node)) and not isinstance(v, bool) for v in sizes):
+        if any(isinstance(v, fx.Node) for v in sizes[1:]):
+            return  # the op reads a size past the batch at run time: that is the token count, nothing to rewrite
         token_dim = next(i for i, size in enumerate(spec.shape) if size == old) if old in spec.shape else None
         at = [token_dim] if token_dim is not None and isinstance(sizes[token_dim], int) and sizes[token_dim] == old \
             else []
@@ -104,6 +106,13 @@ def _carried(node: fx.Node) -> set[fx.Node]:
     """Nodes that take tensors computed from ``node``'s output, through tensor edges only: a shape read
     (``x.shape[0]``) is included, what is computed from the size it reads is not."""
     return downstream(node, lambda user: _carries_tensors(spec_of(user)))
+
+
+def _longer_sequences(carried: set[fx.Node], n: int) -> set[int]:
+    """Sequence lengths ``n + e`` (``e`` <= ``MAX_PREFIX``) of ``(B, N, D)`` tensors computed from the gathered
+    tokens: prefix tokens concatenated after the gather site."""
+    shapes = [tuple(spec_of(c).shape) for c in carried if isinstance(spec_of(c), TensorSpec)]
+    return {s[1] for s in shapes if len(s) == 3 and n < s[1] <= n + MAX_PREFIX}
 
 
 def _in_order(node: fx.Node) -> list[fx.Node]:
@@ -215,12 +224,15 @@ class GatherPatches(PassBase):
         self.kept = kept
         if k != n:
             carried = _carried(kept)
+            # tokens concatenated after the gather (register or class tokens added later) lengthen the sequence
+            lengths = {n: k} | {m: k + m - n for m in _longer_sequences(carried, n)}
             for node in _in_order(kept):
                 if node.target in _RESHAPES and node not in carried:
                     continue  # reshapes a tensor without tokens (an attention-pool query); only its batch size is read
                 if (node.op == "call_method" and node.target in _SHAPE_METHODS) or (
                         node.op == "call_function" and node.target in _SHAPE_FUNCTIONS):
-                    rewrite_sequence_length(node, n, k)
+                    for old in sorted(lengths):
+                        rewrite_sequence_length(node, old, lengths[old])
         self.entry.update(mode="tokens", node=site.node.name, grid=list(site.grid), prefix=site.prefix, tokens=k)
         if self.entry.get("attention", "sdpa") == "gathered":
             fused, self.kept = fuse_first_attention(gm, site.node, kept, idx)
@@ -254,7 +266,8 @@ class GatherPatches(PassBase):
             site, later = self.site, downstream(self.kept)
             sizes = {site.n_tokens, site.grid[0] * site.grid[1]}
             tables = [n for n in gm.graph.nodes if n.op == "get_attr" and isinstance(spec_of(n), TensorSpec)
-                      and sizes & set(spec_of(n).shape) and any(u in later for u in n.users)]
+                      and len(spec_of(n).shape) >= 2 and sizes & set(spec_of(n).shape[:-1])
+                      and any(u in later for u in n.users)]
             if tables:
                 t = tables[0]
                 return (f"A per-position tensor %{t.name} of shape {tuple(spec_of(t).shape)} (e.g. rotary position "

@@ -33,3 +33,23 @@ def test_head_width_equal_to_the_token_count_is_kept(tiny_proposal: nn.Module) -
     sizes = [n.args[1:] for n in pruned.graph.nodes if n.op == "call_method" and n.target == "reshape"]
     heads = [s for s in sizes if len(s) >= 4]  # (B, N, 3, H, 64) qkv, (B, 1, H, 64) pool query, (B, N, 2, H, 64) kv
     assert len(heads) == 4 and all(s[-1] == 64 for s in heads), heads
+
+
+def test_register_token_concatenated_after_the_gather(tiny_proposal: nn.Module) -> None:
+    """``no_embed_class`` ViTs add the position embedding to the 64 patches, then prepend a register token: the
+    blocks see 65 tokens, and a width of 64 (= the patch count) must not change."""
+    torch.manual_seed(0)
+    model = timm.create_model("vit_wee_patch16_reg1_gap_256", pretrained=False, img_size=128, depth=2, embed_dim=64,
+                              num_heads=2, num_classes=5).eval()
+    torch.manual_seed(5)
+    x = torch.randn(3, 3, 128, 128)
+    pruned = fxprune.compile(model, {"stages": [{"kind": "patches", "keep": 0.5, "proposal": "tests:tiny"}]},
+                             example_inputs=x[:1])
+    entry = pruned.fxprune_plan.rewrites[0]
+    assert (entry["prefix"], entry["tokens"]) == (0, 32)
+    idx = reference_token_indices(tiny_proposal, x, (8, 8), 0.5, prefix=0)
+    with torch.no_grad():
+        t = take(model.patch_embed(x) + model.pos_embed, idx)
+        t = torch.cat([model.reg_token.expand(3, -1, -1), t], dim=1)  # 33 tokens from here on
+        want = model.forward_head(model.norm(model.blocks(model.norm_pre(t))))
+        torch.testing.assert_close(pruned(x), want, atol=1e-5, rtol=1e-5)
