@@ -17,18 +17,26 @@ def _siglip() -> nn.Module:
                              num_heads=2, num_classes=5).eval()
 
 
-def test_head_width_equal_to_the_token_count_is_kept(tiny_proposal: nn.Module) -> None:
-    model = _siglip()
-    torch.manual_seed(3)
+def _keep_half(model: nn.Module, proposal: nn.Module, seed: int) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """The model pruned at keep 0.5 (64 patches, no prefix at the gather: 32 kept), 3 images, reference indices."""
+    torch.manual_seed(seed)
     x = torch.randn(3, 3, 128, 128)
     pruned = fxprune.compile(model, {"stages": [{"kind": "patches", "keep": 0.5, "proposal": "tests:tiny"}]},
                              example_inputs=x[:1])
     entry = pruned.fxprune_plan.rewrites[0]
     assert (entry["prefix"], entry["tokens"]) == (0, 32)
-    idx = reference_token_indices(tiny_proposal, x, (8, 8), 0.5, prefix=0)
+    return pruned, x, reference_token_indices(proposal, x, (8, 8), 0.5, prefix=0)
+
+
+def _blocks_on(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    return model.forward_head(model.norm(model.blocks(model.norm_pre(tokens))))
+
+
+def test_head_width_equal_to_the_token_count_is_kept(tiny_proposal: nn.Module) -> None:
+    model = _siglip()
+    pruned, x, idx = _keep_half(model, tiny_proposal, 3)
     with torch.no_grad():
-        t = take(model.patch_embed(x) + model.pos_embed, idx)
-        want = model.forward_head(model.norm(model.blocks(model.norm_pre(t))))
+        want = _blocks_on(model, take(model.patch_embed(x) + model.pos_embed, idx))
         torch.testing.assert_close(pruned(x), want, atol=1e-5, rtol=1e-5)
     sizes = [n.args[1:] for n in pruned.graph.nodes if n.op == "call_method" and n.target == "reshape"]
     heads = [s for s in sizes if len(s) >= 4]  # (B, N, 3, H, 64) qkv, (B, 1, H, 64) pool query, (B, N, 2, H, 64) kv
@@ -41,15 +49,8 @@ def test_register_token_concatenated_after_the_gather(tiny_proposal: nn.Module) 
     torch.manual_seed(0)
     model = timm.create_model("vit_wee_patch16_reg1_gap_256", pretrained=False, img_size=128, depth=2, embed_dim=64,
                               num_heads=2, num_classes=5).eval()
-    torch.manual_seed(5)
-    x = torch.randn(3, 3, 128, 128)
-    pruned = fxprune.compile(model, {"stages": [{"kind": "patches", "keep": 0.5, "proposal": "tests:tiny"}]},
-                             example_inputs=x[:1])
-    entry = pruned.fxprune_plan.rewrites[0]
-    assert (entry["prefix"], entry["tokens"]) == (0, 32)
-    idx = reference_token_indices(tiny_proposal, x, (8, 8), 0.5, prefix=0)
+    pruned, x, idx = _keep_half(model, tiny_proposal, 5)
     with torch.no_grad():
         t = take(model.patch_embed(x) + model.pos_embed, idx)
         t = torch.cat([model.reg_token.expand(3, -1, -1), t], dim=1)  # 33 tokens from here on
-        want = model.forward_head(model.norm(model.blocks(model.norm_pre(t))))
-        torch.testing.assert_close(pruned(x), want, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(pruned(x), _blocks_on(model, t), atol=1e-5, rtol=1e-5)
