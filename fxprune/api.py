@@ -135,8 +135,9 @@ def compile(  # noqa: A001  (the name users expect)
     ``result.fxprune_recipe``.
 
     Args:
-        model: any traceable ``nn.Module`` (in train or eval mode; the result has the same mode).
-        recipe: a ``Recipe``, a dict, or a path to a YAML/JSON recipe file.
+        model: any traceable ``nn.Module`` (in train or eval mode; the result has the same mode). A ``torch.compile``
+            or ``DataParallel`` wrapper is looked through (with a warning); TorchScript modules are refused.
+        recipe: a ``Recipe``, a dict, a path to a YAML/JSON recipe file, or YAML/JSON text.
         example_inputs: a tensor or tuple of tensors the model accepts (small shapes are fine).
         data: calibration data for data-driven criteria (ignored by ``l1``/``l2``/``bn_scale``/``random``).
         evaluate: ``evaluate(model) -> float`` (higher is better), for sensitivity-driven stages.
