@@ -249,7 +249,11 @@ class Recipe:
     @classmethod
     def from_file(cls, path: Union[str, Path]) -> "Recipe":
         p = Path(path)
-        if not p.is_file():
+        try:
+            found = p.is_file()
+        except OSError:  # e.g. a name too long for the file system
+            found = False
+        if not found:
             raise RecipeError("<file>", f"recipe file '{p}' does not exist")
         try:
             data = yaml.safe_load(p.read_text())  # JSON is a subset of YAML
@@ -259,14 +263,14 @@ class Recipe:
 
     @classmethod
     def load(cls, recipe: Union["Recipe", dict, str, Path]) -> "Recipe":
-        """Accept a ``Recipe``, a dict, a path to a YAML/JSON file, or YAML/JSON text (a string that names no file
-        and parses to a mapping)."""
+        """Accept a ``Recipe``, a dict, a path to a YAML/JSON file, or YAML/JSON text (a string that parses to a
+        mapping)."""
         if isinstance(recipe, Recipe):
             recipe.validate()
             return recipe
         if isinstance(recipe, dict):
             return cls.from_dict(recipe)
-        if isinstance(recipe, str) and not Path(recipe).is_file():
+        if isinstance(recipe, str):  # a path parses to a plain string, recipe text to a mapping
             try:
                 text = yaml.safe_load(recipe)
             except yaml.YAMLError:

@@ -175,6 +175,11 @@ def test_recipe_given_as_yaml_or_json_text() -> None:
         assert fxprune.compile(net, text, example_inputs=X).fxprune_plan.kept == as_dict.fxprune_plan.kept
     with pytest.raises(RecipeError, match=r"'stages\[0\]\.target\.flops': must be in \[0, 1\)"):
         fxprune.compile(Net(), "stages: [{target: {flops: 1.5}}]", example_inputs=X)
+    long_text = "stages: [" + ", ".join(["{kind: channels, target: {sparsity: 0.1}, criterion: l2}"] * 5) + "]"
+    assert len(long_text) > 255  # longer than a file name may be: must not be looked up as one
+    assert len(fxprune.Recipe.load(long_text).stages) == 5
+    with pytest.raises(RecipeError, match="does not exist"):
+        fxprune.Recipe.load("x" * 300)
 
 
 def test_recipe_file_missing_or_unparsable(tmp_path) -> None:
