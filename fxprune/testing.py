@@ -259,6 +259,30 @@ def _digest(t: torch.Tensor) -> tuple:
     return tuple(t.shape), str(t.dtype), hashlib.sha1(raw.numpy().tobytes()).hexdigest()
 
 
+def state_digest(model: nn.Module) -> dict[str, tuple]:
+    """Shape, dtype and SHA-1 of every state-dict entry: ``state_digest(m) == before`` proves ``m`` unchanged (keys,
+    shapes and bytes) without keeping a copy of its weights."""
+    return {k: _digest(v) for k, v in model.state_dict().items()}
+
+
+def assert_compiles(model: nn.Module, *inputs: Any, backend: str = "aot_eager", atol: float = 1e-5,
+                    rtol: float = 1e-5) -> nn.Module:
+    """Assert that ``torch._dynamo.explain`` finds one graph and no graph break in ``model(*inputs)``, and that
+    ``torch.compile(model, backend=backend, fullgraph=True)`` computes what eager does. Returns the compiled model."""
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(model)(*inputs)
+    name = type(model).__name__
+    assert explained.graph_break_count == 0, f"{name}: {explained.graph_break_count} graph breaks: {explained.break_reasons}"
+    assert explained.graph_count == 1, f"{name}: dynamo made {explained.graph_count} graphs, not 1"
+    compiled = torch.compile(model, backend=backend, fullgraph=True)
+    with torch.no_grad():
+        want, got = tensors_of(model(*inputs)), tensors_of(compiled(*inputs))
+    assert len(want) == len(got), f"{name}: eager returns {len(want)} tensors, compiled {len(got)}"
+    for i, (w, g) in enumerate(zip(want, got)):
+        torch.testing.assert_close(g, w, atol=atol, rtol=rtol, msg=lambda m: f"{name} output {i}: compiled != eager: {m}")
+    return compiled
+
+
 def prune_and_check(model: nn.Module, recipe: Any, inputs: Any, *, atol: float = 1e-4, rtol: float = 1e-4) -> fx.GraphModule:
     """``fxprune.compile`` then ``assert_masked_equals_shrunk``; also checks the input model was not modified."""
     from .api import compile as fx_compile
@@ -266,10 +290,11 @@ def prune_and_check(model: nn.Module, recipe: Any, inputs: Any, *, atol: float =
 
     inputs = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
     recipe = Recipe.load(recipe)
-    state = {k: _digest(v) for k, v in model.state_dict().items()}  # digests, not clones: vit_h_14 is 2.5 GB
+    state = state_digest(model)  # digests, not clones: vit_h_14 is 2.5 GB
     pruned = fx_compile(model, recipe, example_inputs=inputs)
-    for k, v in model.state_dict().items():
-        assert _digest(v) == state[k], f"compile modified the input model at '{k}'"
+    after = state_digest(model)
+    changed = sorted(k for k in state.keys() | after.keys() if state.get(k) != after.get(k))
+    assert not changed, f"compile modified the input model at {changed}"
     assert_masked_equals_shrunk(model, pruned.fxprune_plan, inputs, pruned, leaf_modules=recipe.leaf_modules, atol=atol, rtol=rtol)
     return pruned
 
@@ -323,23 +348,6 @@ def channel_recipe(target: float, kind: str = "sparsity", **fields: Any) -> dict
     return {"stages": [{"kind": "channels", "target": {kind: target}, **fields}]}
 
 
-__all__ = ["ResCatNet", "assert_masked_equals_shrunk", "masked_model", "masked_layer_norm", "prune_and_check", "analyze_model", "units_of",
-           "frozen_of", "channel_recipe"]
+__all__ = ["ResCatNet", "assert_masked_equals_shrunk", "assert_compiles", "masked_model", "masked_layer_norm",
+           "prune_and_check", "state_digest", "analyze_model", "units_of", "frozen_of", "channel_recipe"]
 
-
-def assert_compiles(model: nn.Module, *inputs: Any, backend: str = "aot_eager", atol: float = 1e-5,
-                    rtol: float = 1e-5) -> nn.Module:
-    """Assert that ``torch._dynamo.explain`` finds one graph and no graph break in ``model(*inputs)``, and that
-    ``torch.compile(model, backend=backend, fullgraph=True)`` computes what eager does. Returns the compiled model."""
-    torch._dynamo.reset()
-    explained = torch._dynamo.explain(model)(*inputs)
-    name = type(model).__name__
-    assert explained.graph_break_count == 0, f"{name}: {explained.graph_break_count} graph breaks: {explained.break_reasons}"
-    assert explained.graph_count == 1, f"{name}: dynamo made {explained.graph_count} graphs, not 1"
-    compiled = torch.compile(model, backend=backend, fullgraph=True)
-    with torch.no_grad():
-        want, got = tensors_of(model(*inputs)), tensors_of(compiled(*inputs))
-    assert len(want) == len(got), f"{name}: eager returns {len(want)} tensors, compiled {len(got)}"
-    for i, (w, g) in enumerate(zip(want, got)):
-        torch.testing.assert_close(g, w, atol=atol, rtol=rtol, msg=lambda m: f"{name} output {i}: compiled != eager: {m}")
-    return compiled

@@ -7,7 +7,7 @@ from torch import nn
 
 import fxprune
 from fxprune import BudgetError, ExampleInputsError, FxPruneError, RecipeError, TraceFailure
-from fxprune.testing import channel_recipe, prune_and_check
+from fxprune.testing import channel_recipe, prune_and_check, state_digest
 
 
 class Net(nn.Module):
@@ -37,26 +37,17 @@ class Untraceable(Net):
         return super().forward(self.gate(x))
 
 
-def _state(m: nn.Module) -> dict:
-    return {k: v.clone() for k, v in m.state_dict().items()}
-
-
-def _unchanged(m: nn.Module, before: dict) -> bool:
-    after = m.state_dict()
-    return after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
-
-
 X = torch.randn(2, 3, 8, 8)
 
 
 def test_untraceable_names_module_and_line_and_leaf_fix() -> None:
     model = Untraceable().eval()
-    before = _state(model)
+    before = state_digest(model)
     with pytest.raises(TraceFailure) as info:
         fxprune.compile(model, channel_recipe(0.5), example_inputs=X)
     msg = str(info.value)
     assert "module 'gate' (Gate)" in msg and "if x.sum() > 0" in msg and "leaf_modules=['gate']" in msg
-    assert _unchanged(model, before)
+    assert state_digest(model) == before
     pruned = prune_and_check(model, {**channel_recipe(0.5), "leaf_modules": ["gate"]}, X)  # the suggested fix works
     assert pruned.conv1.out_channels == 8
 
@@ -110,10 +101,10 @@ def test_budget_that_cannot_be_met() -> None:
 ])
 def test_example_inputs_mismatch(inputs: object, words: str) -> None:
     model = Net().eval()
-    before = _state(model)
+    before = state_digest(model)
     with pytest.raises(ExampleInputsError, match=words):
         fxprune.compile(model, channel_recipe(0.5), example_inputs=inputs)
-    assert _unchanged(model, before)
+    assert state_digest(model) == before
 
 
 def test_nan_weights_and_meta_device() -> None:
@@ -130,10 +121,10 @@ def test_nan_weights_and_meta_device() -> None:
 
 def test_train_mode_model_keeps_mode_and_bn_statistics() -> None:
     model = Net().train()
-    before = _state(model)
+    before = state_digest(model)
     pruned = fxprune.compile(model, channel_recipe(0.5), example_inputs=X)
     assert model.training and pruned.training
-    assert _unchanged(model, before)  # BN running stats untouched: tracing runs in eval mode
+    assert state_digest(model) == before  # BN running stats untouched: tracing runs in eval mode
 
 
 def test_not_a_module() -> None:
@@ -200,7 +191,7 @@ def test_recipe_file_missing_or_unparsable(tmp_path) -> None:
 ])
 def test_no_failure_modifies_the_input_model(recipe: dict, inputs: torch.Tensor, error: type) -> None:
     model = Net().train()
-    before = _state(model)
+    before = state_digest(model)
     with pytest.raises(error):
         fxprune.compile(model, recipe, example_inputs=inputs)
-    assert _unchanged(model, before) and model.training
+    assert state_digest(model) == before and model.training

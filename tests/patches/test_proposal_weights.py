@@ -18,6 +18,7 @@ import fxprune
 from fxprune import RecipeError
 from fxprune.passes.gather_patches import SUBMODULE
 from fxprune.patches import PatchStage, register_proposal
+from fxprune.testing import state_digest
 from papr_reference import reference_token_indices
 
 MOBILENET = "torchvision:mobilenet_v3_small"
@@ -49,10 +50,7 @@ def _recipe(**fields) -> dict:
 
 
 def _assert_same_state(got: nn.Module, want: nn.Module) -> None:
-    got_state, want_state = got.state_dict(), want.state_dict()
-    assert got_state.keys() == want_state.keys()
-    for k, v in want_state.items():
-        assert torch.equal(got_state[k], v), f"proposal weight '{k}' was not loaded"
+    assert state_digest(got) == state_digest(want), "the proposal's weights are not the given ones"
 
 
 @pytest.mark.parametrize("form", ["whole classifier, .pt", "features only, .safetensors"])
@@ -142,7 +140,7 @@ def test_bad_weights_name_the_field(tmp_path, tiny_proposal: nn.Module) -> None:
         fxprune.Recipe.load(_recipe(proposal_weights=3))
 
     model, x = _vit(), torch.randn(1, 3, 64, 64)
-    before = {k: v.clone() for k, v in model.state_dict().items()}
+    before = state_digest(model)
     wrong = tmp_path / "resnet.pt"
     torch.save(torchvision.models.resnet18(weights=None).state_dict(), wrong)
     with pytest.raises(ValueError, match=r"proposal_weights: state dict .*resnet.pt' does not fit proposal "
@@ -152,7 +150,7 @@ def test_bad_weights_name_the_field(tmp_path, tiny_proposal: nn.Module) -> None:
     torch.save([torch.zeros(1)], not_a_state)
     with pytest.raises(ValueError, match=r"proposal_weights: .*list.pt' holds no state dict"):
         fxprune.compile(model, _recipe(proposal_weights=str(not_a_state)), example_inputs=x)
-    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert state_digest(model) == before
 
 
 def test_stage_with_weights_round_trips_through_json(tmp_path) -> None:
