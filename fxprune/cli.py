@@ -97,7 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Prune a torchvision or timm model (random weights unless you load your own "
                                    "through the Python API), print a before/after table and save the result.")
     p.add_argument("model", type=model_spec, help="torchvision:<name> or timm:<name>")
-    p.add_argument("--recipe", help="a YAML/JSON recipe file or inline YAML/JSON text (instead of --target/--criterion)")
+    p.add_argument("--recipe", help="a YAML/JSON recipe file or inline YAML/JSON text "
+                                    "(instead of --target/--criterion)")
     p.add_argument("--target", type=target_spec, help="what to remove, e.g. flops=0.5 (default), params=0.3, sparsity=0.5")
     p.add_argument("--criterion", help="channel criterion (default l2); the CLI passes no calibration data, so use a "
                                        "data-free one: l1, l2, bn_scale, random")

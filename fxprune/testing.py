@@ -272,14 +272,16 @@ def assert_compiles(model: nn.Module, *inputs: Any, backend: str = "aot_eager", 
     torch._dynamo.reset()
     explained = torch._dynamo.explain(model)(*inputs)
     name = type(model).__name__
-    assert explained.graph_break_count == 0, f"{name}: {explained.graph_break_count} graph breaks: {explained.break_reasons}"
+    assert explained.graph_break_count == 0, \
+        f"{name}: {explained.graph_break_count} graph breaks: {explained.break_reasons}"
     assert explained.graph_count == 1, f"{name}: dynamo made {explained.graph_count} graphs, not 1"
     compiled = torch.compile(model, backend=backend, fullgraph=True)
     with torch.no_grad():
         want, got = tensors_of(model(*inputs)), tensors_of(compiled(*inputs))
     assert len(want) == len(got), f"{name}: eager returns {len(want)} tensors, compiled {len(got)}"
     for i, (w, g) in enumerate(zip(want, got)):
-        torch.testing.assert_close(g, w, atol=atol, rtol=rtol, msg=lambda m: f"{name} output {i}: compiled != eager: {m}")
+        torch.testing.assert_close(g, w, atol=atol, rtol=rtol,
+                                   msg=lambda m: f"{name} output {i}: compiled != eager: {m}")
     return compiled
 
 

@@ -161,8 +161,8 @@ class GatherPatches(PassBase):
             self.site = check_token_site(named[self.entry["node"]], find_patch_grid(gm))
             if [*self.site.grid] != list(self.entry.get("grid", [])) or self.site.prefix != self.entry.get("prefix"):
                 raise PlanError(f"the plan expects a {self.entry.get('grid')} patch grid and "
-                                f"{self.entry.get('prefix')} prefix tokens at '{self.site.node.name}', the graph has {list(self.site.grid)} and "
-                                f"{self.site.prefix}")
+                                f"{self.entry.get('prefix')} prefix tokens at '{self.site.node.name}', the graph has "
+                                f"{list(self.site.grid)} and {self.site.prefix}")
         elif mode == "mlp":
             self.regions = [find_region(gm, first, last) for first, last in self.entry.get("regions", [])]
         else:

@@ -156,7 +156,8 @@ def _load_weights(candidates: list[nn.Module], path: str, name: str) -> None:
             return
     own = set(candidates[-1].state_dict())
     missing, unexpected = sorted(own - set(state)), sorted(set(state) - own)
-    raise ValueError(f"proposal_weights: state dict '{path}' does not fit proposal '{name}' ({type(candidates[-1]).__name__}): "
+    raise ValueError(f"proposal_weights: state dict '{path}' does not fit proposal '{name}' "
+                     f"({type(candidates[-1]).__name__}): "
                      f"missing {missing[:4]}{' ...' if len(missing) > 4 else ''}, "
                      f"unexpected {unexpected[:4]}{' ...' if len(unexpected) > 4 else ''}")
 
@@ -218,5 +219,5 @@ def proposal_feature_shape(module: nn.Module, name: str, image: torch.Tensor) ->
     return tuple(out.shape)
 
 
-__all__ = ["register_proposal", "registered_proposals", "build_proposal", "check_proposal_name", "check_proposal_weights",
-           "proposal_feature_shape", "UnknownProposal", "DEFAULT_PROPOSAL"]
+__all__ = ["register_proposal", "registered_proposals", "build_proposal", "check_proposal_name",
+           "check_proposal_weights", "proposal_feature_shape", "UnknownProposal", "DEFAULT_PROPOSAL"]
