@@ -21,7 +21,6 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-import torchvision
 from torch import nn
 
 import fxprune
@@ -30,6 +29,8 @@ from fxprune.plan import Plan
 from fxprune.recipe import Recipe
 from fxprune.testing import analyze_model, assert_compiles, frozen_of, masked_layer_norm, prune_and_check
 from fxprune.work import count_work
+
+from vit_models import torchvision_vit
 
 RENORM = {"stages": [{"kind": "channels", "target": {"sparsity": 0.5}, "layer_norm": "renormalize"}]}
 FREEZE = {"stages": [{"kind": "channels", "target": {"sparsity": 0.5}}]}
@@ -153,14 +154,6 @@ def test_plan_options_round_trip_and_old_plans_load() -> None:
 
 
 # -- real ViTs -------------------------------------------------------------------------------------------------------
-def torchvision_vit() -> nn.Module:
-    torch.manual_seed(0)
-    m = torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=4, hidden_dim=64,
-                                             mlp_dim=128, num_classes=10)
-    nn.init.normal_(m.heads.head.weight, std=0.5)  # torchvision zero-initializes the head: the output would be 0
-    return m.eval()
-
-
 def deit_tiny() -> nn.Module:
     torch.manual_seed(0)
     return timm.create_model("deit_tiny_patch16_224", pretrained=False, img_size=32, num_classes=10).eval()

@@ -7,7 +7,6 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
-import torchvision
 from torch import nn
 
 import fxprune
@@ -15,18 +14,12 @@ from fxprune.nn.attention import PrunedMultiheadAttention
 from fxprune.testing import assert_compiles, prune_and_check
 from fxprune.work import count_work
 
+from vit_models import torchvision_vit
+
 HEADS_THEN_CHANNELS = {"stages": [{"kind": "heads", "target": {"sparsity": 0.5}},
                                   {"kind": "channels", "target": {"flops": 0.5}}]}
 HEADS = {"stages": [{"kind": "heads", "target": {"sparsity": 0.5}}]}
 X = torch.randn(2, 3, 32, 32)
-
-
-def torchvision_vit() -> nn.Module:
-    torch.manual_seed(0)
-    m = torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=4, hidden_dim=64,
-                                             mlp_dim=128, num_classes=10)
-    nn.init.normal_(m.heads.head.weight, std=0.5)  # torchvision zero-initializes the head: the output would be 0
-    return m.eval()
 
 
 def timm_vit(name: str) -> nn.Module:
