@@ -10,6 +10,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from .copies import shared_copy, unshare
 from .criteria import ScoreContext, get_criterion
 from .errors import ExampleInputsError, FxPruneError
 from .graph.dependency import analyze
@@ -162,7 +163,11 @@ def compile(  # noqa: A001  (the name users expect)
 
         return compile_submodule(model, recipe, inputs, data=data, evaluate=evaluate, finetune=finetune,
                                  backend=backend)
-    gm = prune_graph(copy.deepcopy(model).eval(), recipe, inputs, data=data, evaluate=evaluate, finetune=finetune)
+    # User callbacks may train or run the working model in train mode: they get a private deep copy. Otherwise the
+    # copy aliases the model's weights until they are shrunk (half the peak memory on big models).
+    work = copy.deepcopy(model) if evaluate is not None or finetune is not None else shared_copy(model)
+    gm = prune_graph(work.eval(), recipe, inputs, data=data, evaluate=evaluate, finetune=finetune)
+    unshare(gm, model)
     gm.train(model.training)
     if backend is not None:
         compiled = torch.compile(gm, backend=backend, fullgraph=True)

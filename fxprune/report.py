@@ -1,12 +1,12 @@
 """Reports: parameters, MACs, per-layer widths before and after pruning, and frozen groups with reasons."""
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 from typing import Any
 
 from torch import nn
 
+from .copies import shared_copy
 from .trace import record_shapes, trace, unwrap
 from .work import count_model
 
@@ -71,7 +71,7 @@ def report(before: nn.Module, after: nn.Module, example_inputs: Any) -> Report:
         pairs = [(before, inputs), (after, inputs)]
     counts = []
     for model, args in pairs:
-        gm = trace(copy.deepcopy(model).eval())
+        gm = trace(shared_copy(model).eval())  # weights shared: only traced and run in eval mode
         record_shapes(gm, args)
         counts.append(count_model(gm))
     if sub:

@@ -34,7 +34,7 @@ from .api import as_input_tuple
 from .errors import FxPruneError, PlanError
 from .passes.replay import apply_plan
 from .plan import Plan
-from .trace import record_shapes, trace, unwrap
+from .trace import TensorSpec, record_shapes, spec_of, trace, unwrap
 
 log = logging.getLogger(__name__)
 
@@ -65,13 +65,29 @@ def _input_specs(module: nn.Module, submodule: str, example_inputs: Any) -> list
     if submodule and example_inputs is None:
         return list(getattr(module, "fxprune_submodule_inputs", []))
     if example_inputs is None:
-        return []
+        return traced_input_specs(module)
     inputs = as_input_tuple(example_inputs)
     if submodule:
         from .partial import capture_inputs
 
         inputs = capture_inputs(module, submodule, inputs)[0]
     return [{"shape": list(t.shape), "dtype": str(t.dtype)} for t in inputs if isinstance(t, torch.Tensor)]
+
+
+def traced_input_specs(module: nn.Module) -> list[dict]:
+    """Shapes and dtypes of the tensors the pruned ``GraphModule`` was traced and shrunk with: the shapes recorded
+    on its placeholders (``[]`` for a module that is not a traced graph)."""
+    graph = getattr(module, "graph", None)
+    if not isinstance(graph, fx.Graph):
+        return []
+    specs = []
+    for node in graph.nodes:
+        if node.op != "placeholder":
+            continue
+        spec = spec_of(node)
+        if isinstance(spec, TensorSpec):
+            specs.append({"shape": list(spec.shape), "dtype": str(spec.dtype)})
+    return specs
 
 
 def save(pruned: nn.Module, path: Union[str, Path], *, leaf_modules: Sequence[str] | None = None,
@@ -82,7 +98,8 @@ def save(pruned: nn.Module, path: Union[str, Path], *, leaf_modules: Sequence[st
         pruned: the pruned model; it must carry ``fxprune_plan`` (a ``torch.compile``d result is unwrapped).
         path: the file to write (conventionally ``*.fxp``); parent directories are created.
         leaf_modules: the recipe's ``leaf_modules`` if it had any (default: ``pruned.fxprune_recipe``'s, else none).
-        example_inputs: optional; their shapes and dtypes are stored so ``load`` can run without inputs.
+        example_inputs: optional: the shapes and dtypes ``load`` rebuilds inputs from when it is given none. By
+            default those the model was pruned with (recorded on its graph inputs).
 
     Returns:
         The path written.
@@ -181,7 +198,7 @@ def load(path: Union[str, Path], model_or_constructor: Union[nn.Module, Callable
         model_or_constructor: the ORIGINAL (unpruned) architecture: an instance (deep-copied, never modified; its
             weights are replaced) or a zero-argument constructor such as ``torchvision.models.resnet18``.
         example_inputs: a tensor or tuple the model accepts, used to record shapes while replaying. Default: zeros
-            of the shapes stored by ``save(..., example_inputs=...)``.
+            of the shapes ``save`` stored (the pruned model's own example-input shapes).
 
     Returns:
         A ``torch.fx.GraphModule`` with ``fxprune_plan``, in the train/eval mode the pruned model was saved in; for

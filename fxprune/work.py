@@ -52,14 +52,14 @@ class Counter:
 def count_work(model: "torch.nn.Module", *inputs: "torch.Tensor") -> dict[str, int]:
     """MACs and parameters of any traceable model on ``inputs`` (the model is not modified; a ``torch.compile`` or
     ``DataParallel`` wrapper is looked through)."""
-    import copy
-
+    from .copies import shared_copy
     from .trace import record_shapes, trace, unwrap
 
     # Trace a copy: tracing runs forward code, and some models cache what it computes (timm LeViT caches its
-    # attention biases per device), which would leave proxies in the user's model. A torch.compile'd or
-    # DataParallel model is counted by the module it wraps.
-    gm = trace(copy.deepcopy(unwrap(model)[0]))
+    # attention biases per device), which would leave proxies in the user's model. The copy shares the weights
+    # (nothing writes them; eval mode, so no running statistic moves). A torch.compile'd or DataParallel model is
+    # counted by the module it wraps.
+    gm = trace(shared_copy(unwrap(model)[0]).eval())
     record_shapes(gm, inputs)
     return count_model(gm)
 

@@ -1,11 +1,17 @@
 """Property-based fuzzing: random DAG networks and random recipes; the shrunk model must equal the masked one.
 
 Profiles (``HYPOTHESIS_PROFILE``): ``ci`` (default, 200 derandomized examples) and ``slow`` (2000 examples).
-Every failure found becomes a regression test in ``tests/test_regressions.py``.
+The test counts its examples: at least 95% must reach the masked == shrunk oracle (the rest may raise a
+``BudgetError`` that says why), and the count is printed in the run's summary. The generator makes prunable
+networks (a conv first, a plain conv last feeding a head, GroupNorm over channel pairs) rather than skipping.
+A failure Hypothesis finds is fixed in the op rule it names, and the shrunk example is added as a plain test to the
+rule's file under ``tests/ops/``.
 """
 from __future__ import annotations
 
+import collections
 import os
+from typing import Callable
 
 import pytest
 import torch
@@ -45,8 +51,8 @@ class RandomNet(nn.Module):
         if kind == "conv":
             _, src, out, groups, norm = step
             layers: list[nn.Module] = [nn.Conv2d(widths[src], out, 3, padding=1, groups=groups)]
-            layers += {"bn": [nn.BatchNorm2d(out)], "gn": [nn.GroupNorm(groups if out % groups == 0 else 1, out)],
-                       "none": []}[norm]
+            # GroupNorm of pairs of channels: whole pairs prune (one group over all channels would freeze them all)
+            layers += {"bn": [nn.BatchNorm2d(out)], "gn": [nn.GroupNorm(out // 2, out)], "none": []}[norm]
             return nn.Sequential(*layers, nn.ReLU())
         if kind == "se":
             c = widths[step[1]]
@@ -88,19 +94,23 @@ class RandomNet(nn.Module):
 def networks(draw: st.DrawFn) -> RandomNet:
     widths = [3]
     program: list[tuple] = []
-    for _ in range(draw(st.integers(3, 10))):
+    n_steps = draw(st.integers(3, 10))
+    for i in range(n_steps):
         src = draw(st.integers(0, len(widths) - 1))
         c = widths[src]
         same = [i for i, w in enumerate(widths) if w == c and i != src]
         options = ["conv", "conv", "conv", "pool", "se"] + (["add", "mul"] if same else []) + \
                   (["cat"] if len(widths) > 1 else []) + (["split"] if c >= 2 else []) + \
                   (["chunk", "shuffle", "shuffle"] if c % 2 == 0 and c >= 4 else [])
-        kind = draw(st.sampled_from(options))
+        # A conv first, and a plain conv last (it feeds a head): every network has a prunable group.
+        last = i == n_steps - 1
+        kind = "conv" if i == 0 or last else draw(st.sampled_from(options))
         if kind == "conv":
             out = draw(st.sampled_from([4, 6, 8, 12, 16]))
             divisors = [g for g in (1, 2, c) if c % g == 0 and out % g == 0]
-            groups = draw(st.sampled_from(divisors)) if src != 0 else 1
-            step, width = ("conv", src, out, groups, draw(st.sampled_from(["bn", "gn", "none"]))), out
+            groups = draw(st.sampled_from(divisors)) if src != 0 and not last else 1
+            norm = draw(st.sampled_from(["bn", "none"] if last else ["bn", "gn", "none"]))
+            step, width = ("conv", src, out, groups, norm), out
         elif kind in ("pool", "se"):
             step, width = (kind, src), c
         elif kind in ("add", "mul"):
@@ -118,24 +128,25 @@ def networks(draw: st.DrawFn) -> RandomNet:
             step, width = ("shuffle", src, 2), c
         program.append(step)
         widths.append(width)
-    n = len(widths)
-    outputs = sorted(set(draw(st.lists(st.integers(1, n - 1), min_size=1, max_size=2))))
+    n = len(widths)  # the last conv feeds a head; another output may be any tensor
+    outputs = sorted({n - 1, *draw(st.lists(st.integers(1, n - 1), min_size=0, max_size=1))})
     return RandomNet(program, widths, outputs, draw(st.booleans()))
 
 
 @st.composite
 def recipes(draw: st.DrawFn) -> dict:
     kind = draw(st.sampled_from(["sparsity", "flops", "params"]))
+    # Frozen heads hold most parameters of these small nets: params targets stay within what they leave.
+    fractions = [0.1, 0.2, 0.3] if kind == "params" else [0.2, 0.3, 0.5, 0.6]
     return {"stages": [{
-        "kind": "channels", "target": {kind: draw(st.sampled_from([0.2, 0.3, 0.5, 0.6]))},
+        "kind": "channels", "target": {kind: draw(st.sampled_from(fractions))},
         "criterion": draw(st.sampled_from(["l1", "l2", "bn_scale", "random"])),
         "scope": draw(st.sampled_from(["local", "global"])), "round_to": draw(st.sampled_from([1, 2, 4])),
         "steps": draw(st.sampled_from([1, 1, 2])), "seed": draw(st.integers(0, 3)),
     }]}
 
 
-@given(net=networks(), recipe=recipes(), batch=st.integers(1, 2))
-def test_random_networks_masked_equals_shrunk(net: RandomNet, recipe: dict, batch: int) -> None:
+def _check(net: RandomNet, recipe: dict, batch: int, counts: collections.Counter, budget_errors: list[str]) -> None:
     net = net.eval()
     with torch.no_grad():  # non-trivial norm parameters so masked channels really matter
         for m in net.modules():
@@ -144,17 +155,29 @@ def test_random_networks_masked_equals_shrunk(net: RandomNet, recipe: dict, batc
                 m.bias.uniform_(-0.5, 0.5)
     x = torch.randn(batch, 3, SIZE, SIZE)
     state = state_digest(net)
+    counts["examples"] += 1
     try:
         pruned = fxprune.compile(net, recipe, example_inputs=x)
     except BudgetError as exc:  # a legitimate answer for nets with little to prune: it must say why
         assert "cannot be met" in str(exc)
+        counts["budget_error"] += 1
+        budget_errors.append(str(exc)[:120])
         return
     assert state_digest(net) == state, "input model was modified"
     with torch.no_grad():
         assert [o.shape for o in pruned(x)] == [o.shape for o in net(x)]
     assert_masked_equals_shrunk(net, pruned.fxprune_plan, (x,), pruned)
+    counts["oracle"] += 1
 
 
-@pytest.mark.slow
-def test_slow_profile_is_available() -> None:
-    assert settings.get_profile("slow").max_examples == 2000
+def test_random_networks_masked_equals_shrunk(record_property: Callable[[str, object], None]) -> None:
+    """Every generated network either meets the oracle or raises a ``BudgetError`` that says why; at least 95% of
+    the examples reach the oracle (the count is printed in the run's summary, see ``tests/conftest.py``)."""
+    counts: collections.Counter = collections.Counter()
+    budget_errors: list[str] = []
+    given(net=networks(), recipe=recipes(), batch=st.integers(1, 2))(
+        lambda net, recipe, batch: _check(net, recipe, batch, counts, budget_errors))()
+    record_property("fxprune_count", f"fuzz: {counts['oracle']} of {counts['examples']} examples reached the "
+                                     f"masked == shrunk oracle ({counts['budget_error']} BudgetError)")
+    assert counts["oracle"] >= 0.95 * counts["examples"], (dict(counts), budget_errors)
+    assert counts["examples"] >= settings().max_examples * 0.9, dict(counts)

@@ -15,6 +15,9 @@ and, in eager mode, whenever ``values`` changed since it was built (its version
 counter). Training mode or gradients on ``values`` always use the custom op, so
 fine-tuning updates the blocks. Under ``torch.compile`` the version check is
 skipped: call ``eval()`` or ``refresh_dense_cache()`` after changing ``values``.
+
+ONNX export (``torch.onnx.export(..., dynamo=True)``) decomposes the layer into a MatMul on the dense weight
+rebuilt from the blocks (``weight_from_blocks``); onnxruntime folds that weight to a constant.
 """
 
 from __future__ import annotations
@@ -148,8 +151,24 @@ class BlockSparseLinear(nn.Module):
             self.refresh_dense_cache()
         return self
 
+    def weight_from_blocks(self) -> torch.Tensor:
+        """The dense weight rebuilt from the kept blocks with plain tensor ops whose shapes never depend on the
+        block indices' values (a compare-and-sum block-row lookup, then one ``index_put``), so that exporters that
+        trace with fake tensors (``torch.onnx.export(dynamo=True)``) can follow it: it becomes ONNX ops, not a
+        call to the custom op."""
+        bn, bk = self.block_shape
+        n_rows, n_cols = self.out_features // bn, self.in_features // bk
+        nnz = self.values.shape[0]
+        block = torch.arange(nnz, device=self.row_ptr.device)
+        rows = (block.unsqueeze(1) >= self.row_ptr[1:].unsqueeze(0)).sum(1)  # block i lies in row #(ends <= i)
+        slots = rows * n_cols + self.col_indices
+        flat = self.values.new_zeros(n_rows * n_cols, bn * bk).index_put((slots,), self.values.reshape(nnz, bn * bk))
+        return flat.reshape(n_rows, n_cols, bn, bk).permute(0, 2, 1, 3).reshape(self.out_features, self.in_features)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         values = self.values
+        if torch.onnx.is_in_onnx_export():  # ONNX has no block-sparse op: a MatMul on the rebuilt dense weight
+            return F.linear(x, self.weight_from_blocks(), self.bias)
         # CPU, eval mode and no gradient wanted for the blocks: the cached dense weight is exact and fastest.
         if x.is_cpu and not self.training and not (torch.is_grad_enabled() and values.requires_grad):
             if not torch.compiler.is_compiling() and self._cache_version != values._version:

@@ -52,3 +52,14 @@ def test_torchvision_classifier(name: str, target: str) -> None:
     assert ratio < 0.9, f"{name}: MACs only went to {ratio:.3f}x"
     if target == "flops":
         assert 0.5 - 1e-9 <= 1 - ratio <= 0.51, f"{name}: flops target 0.5 met as {1 - ratio:.3f}"
+    _done(name)
+
+
+_RUNS: dict[str, int] = {}
+
+
+def _done(name: str) -> None:
+    """Drop a giant from the cache once both of its targets ran (the worker goes on with other groups)."""
+    _RUNS[name] = _RUNS.get(name, 0) + 1
+    if name in GIANTS and _RUNS[name] == 2:
+        _model.cache_clear()

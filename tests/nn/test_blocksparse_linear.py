@@ -193,3 +193,13 @@ def test_fresh_module_is_usable_after_loading_blocks():
     with torch.no_grad():
         torch.testing.assert_close(fresh(x), F.linear(x, linear.weight * expand_mask(mask, (32, 32)), linear.bias),
                                    atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("density", [0.0, 0.3, 1.0])
+def test_weight_from_blocks_equals_to_dense(density: float) -> None:
+    # the export path rebuilds the weight with shape-static ops; empty block-rows and an empty layer included
+    linear = nn.Linear(48, 40)
+    mask = torch.rand(5, 6) < density
+    mask[2] = False  # a block-row with no kept block
+    layer = BlockSparseLinear.from_dense(linear, mask)
+    torch.testing.assert_close(layer.weight_from_blocks(), layer.to_dense(), atol=0, rtol=0)
