@@ -13,7 +13,7 @@ from typing import Union
 import numpy as np
 
 from .errors import PlanError
-from .graph.space import Space
+from .ir.space import Space
 
 PLAN_VERSION = 1
 

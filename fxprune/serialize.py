@@ -6,7 +6,7 @@ file: its tensors are the pruned model's ``state_dict`` and its string header me
 * ``format`` = ``"fxprune.model"`` and ``format_version`` (currently ``"1"``),
 * ``plan``: the plan JSON (``Plan.to_json``: kept indices relative to the original model),
 * ``leaf_modules``: a JSON list, the recipe's leaf modules (the replay must trace the same graph),
-* ``submodule``: the recipe's submodule path (partial tracing, ``fxprune.partial``), ``""`` for a whole-model plan;
+* ``submodule``: the recipe's submodule path (``fxprune.submodule``), ``""`` for a whole-model plan;
   a scoped file holds the whole model's tensors and its ``inputs`` are the submodule's captured inputs,
 * ``inputs``: a JSON list of the example inputs' shapes and dtypes (used when ``load`` gets no inputs),
 * ``training``: ``"true"``/``"false"``, the pruned model's mode, restored by ``load``,
@@ -30,8 +30,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .api import as_input_tuple
 from .errors import FxPruneError, PlanError
+from .inputs import as_input_tuple
 from .passes.replay import apply_plan
 from .plan import Plan
 from .trace import record_shapes, trace, unwrap
@@ -68,7 +68,7 @@ def _input_specs(module: nn.Module, submodule: str, example_inputs: Any) -> list
         return []
     inputs = as_input_tuple(example_inputs)
     if submodule:
-        from .partial import capture_inputs
+        from .submodule import capture_inputs
 
         inputs = capture_inputs(module, submodule, inputs)[0]
     return [{"shape": list(t.shape), "dtype": str(t.dtype)} for t in inputs if isinstance(t, torch.Tensor)]
@@ -99,7 +99,7 @@ def save(pruned: nn.Module, path: Union[str, Path], *, leaf_modules: Sequence[st
     # A scoped model may hold a torch.compile'd submodule: its keys lose the wrapper's "_orig_mod." part.
     tensors = {k.replace("_orig_mod.", ""): v.detach().to("cpu").contiguous().clone()
                for k, v in module.state_dict().items()}
-    submodule = getattr(module, "fxprune_submodule", "")  # set by partial tracing (compile and load)
+    submodule = getattr(module, "fxprune_submodule", "")  # set for a recipe submodule (compile and load)
     inputs = _input_specs(module, submodule, example_inputs)
     from . import __version__
 
@@ -200,7 +200,7 @@ def load(path: Union[str, Path], model_or_constructor: Union[nn.Module, Callable
     inputs = _default_inputs(meta["inputs"], p) if example_inputs is None else as_input_tuple(example_inputs)
     try:
         if meta["submodule"]:  # partial tracing: replay on the same submodule, return the whole model
-            from .partial import capture_inputs, replay_submodule
+            from .submodule import capture_inputs, replay_submodule
 
             sub_inputs = inputs if example_inputs is None else capture_inputs(model, meta["submodule"], inputs)[0]
             gm = replay_submodule(model, meta["submodule"], plan, meta["leaf_modules"], sub_inputs)

@@ -9,7 +9,6 @@ import fnmatch
 import sys
 import logging
 import traceback
-from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
@@ -17,10 +16,11 @@ import torch.fx as fx
 from torch import nn
 
 from .errors import ExampleInputsError, TraceFailure
+from .ir.spec import META, TensorSpec, spec_of
+from .ops import attention, timm_norm
+from .ops.registry import has_module_rule
 
 log = logging.getLogger(__name__)
-
-META = "fxprune"
 
 # Extra leaf module types and wrapped functions, extended with ``register_leaf`` (e.g. by the timm integration).
 _LEAF_TYPES: set[type] = set()
@@ -35,14 +35,6 @@ def register_leaf(*types: type) -> None:
 def register_autowrap_function(*fns: Callable[..., Any]) -> None:
     """Record these free functions as single graph nodes instead of tracing into them."""
     _AUTOWRAP_FUNCTIONS.update(fns)
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    """Shape and dtype of one tensor produced by a node."""
-
-    shape: tuple[int, ...]
-    dtype: torch.dtype
 
 
 def _static_length(node: fx.Node) -> int | None:
@@ -97,8 +89,6 @@ class PruneTracer(fx.Tracer):
         return SizedProxy(node, self) if _static_length(node) is not None else super().proxy(node)
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        from .ops.registry import has_module_rule  # local: ops import trace
-
         if any(fnmatch.fnmatchcase(module_qualified_name, p) or type(m).__name__ == p for p in self.leaf_patterns):
             return True
         if type(m) in _LEAF_TYPES or type(m) in self.notrace_types or has_module_rule(m):
@@ -154,8 +144,6 @@ def trace(model: nn.Module, leaf_modules: Sequence[str] = (), autowrap_functions
     Raises:
         TraceFailure: naming the module and source line that broke tracing, and how to mark it as a leaf.
     """
-    from .ops import attention, timm_norm
-
     timm_norm.register()  # rules for timm's norm+act layers, which its no-trace registries keep whole
     attention.register_timm()  # timm's attention-mask helpers (manual attention path)
     tracer = PruneTracer(leaf_modules, autowrap_functions)
@@ -244,8 +232,3 @@ def record_shapes(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Any:
         except Exception as exc:  # an op without a meta kernel, or a real error the real run reports
             log.debug("meta-device shape recording failed (%s); running for real", exc)
         return ShapeRecorder(gm).run(*example_inputs)
-
-
-def spec_of(node: Any) -> Any:
-    """The recorded spec of a node (``None`` for constants and unrecorded nodes)."""
-    return node.meta.get(META) if isinstance(node, fx.Node) else None

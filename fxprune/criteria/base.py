@@ -12,8 +12,8 @@ import numpy as np
 import torch
 
 from ..errors import RecipeError
-from ..graph.dependency import Analysis
-from ..graph.space import arange
+from ..analysis import Analysis
+from ..ir.space import arange
 
 
 @dataclass

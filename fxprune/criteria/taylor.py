@@ -31,7 +31,7 @@ from torch import nn
 
 from ..errors import FxPruneError
 from ..outputs import tensors_of
-from ..graph.dependency import Analysis
+from ..analysis import Analysis
 from .base import ScoreContext, register_criterion, slot_values, unit_sum
 
 log = logging.getLogger(__name__)

@@ -22,10 +22,10 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from ..graph.coupling import Coupling
-from ..graph.space import Space
+from ..ir.coupling import Coupling
+from ..ir.space import Space
 from ..nn.attention import PrunedMultiheadAttention
-from ..passes.context import RewriteContext, SizeContext
+from ..ir.context import RewriteContext, SizeContext
 from .attention import KEY_TOKENS_REASON
 from .registry import OpRule, arg, register_op
 from .tensor_attr import index_tensor, resolve

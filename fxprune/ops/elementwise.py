@@ -10,7 +10,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from ..graph.coupling import Coupling
+from ..ir.coupling import Coupling
 from .registry import OpRule, arg, register_op
 
 # Elementwise on every tensor argument (broadcasting): activations, arithmetic, casts, dropout, identity.

@@ -24,9 +24,9 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from ..graph.coupling import Coupling
-from ..graph.space import Space
-from ..passes.context import RewriteContext, SizeContext
+from ..ir.coupling import Coupling
+from ..ir.space import Space
+from ..ir.context import RewriteContext, SizeContext
 from .maxvit_attention import PrunedRelPosAttention, RelativePositionalMultiHeadAttention, layout, merge_cols, qkv_rows
 from .registry import OpRule, register_op
 from .tensor_attr import index_tensor, resolve

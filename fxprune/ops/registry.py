@@ -20,9 +20,9 @@ import torch.fx as fx
 from torch import nn
 
 if TYPE_CHECKING:
-    from ..graph.coupling import Coupling
-    from ..graph.space import Port, Space
-    from ..passes.context import RewriteContext, SizeContext
+    from ..ir.coupling import Coupling
+    from ..ir.space import Port, Space
+    from ..ir.context import RewriteContext, SizeContext
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +66,14 @@ class OpRule:
     def param_count(self, gm: fx.GraphModule, path: str, s: "SizeContext") -> int:
         """Parameters of the module at ``path`` at the shrunk sizes of ``s``."""
         return sum(p.numel() for p in gm.get_submodule(path).parameters(recurse=False))
+
+    def head_spaces(self, node: fx.Node) -> list["Space"]:
+        """The spaces of ``node`` whose slots are whole attention heads (the ``heads`` stage prunes their groups)."""
+        return []
+
+    def head_dim_spaces(self, node: fx.Node) -> list["Space"]:
+        """The per-head feature dims of ``node``'s queries/keys and values (pruned by the ``head_dim`` stage)."""
+        return []
 
 
 _MODULES: dict[type, OpRule] = {}

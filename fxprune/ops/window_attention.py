@@ -14,7 +14,7 @@ All of one head's slots form one unit, so pruning removes whole heads. The bias 
 whose constant is rewritten). The embedding dim of the input and of the output pass to ``qkv_weight``'s
 columns and ``proj_weight``'s rows.
 
-Under the ``head_dim`` stage (``prefer_factor("head_dim")``, see ``ops/attention.py``) the units are per-head
+Under the ``head_dim`` stage (analysis option ``qkv_factor: head_dim``, see ``ops/attention.py``) the units are per-head
 features instead (a unit cannot be both "head h" and "feature d"): feature ``d`` of every head's q and k (v1 only:
 v2's cosine attention normalizes over them, so they stay frozen) and feature ``d`` of every head's v with the
 ``proj`` columns reading it. The query scale is then pinned to the original ``head_dim ** -0.5``.
@@ -34,10 +34,10 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from ..graph.coupling import Coupling
-from ..graph.space import Port, Space, arange
-from ..passes.context import RewriteContext, SizeContext
-from ..trace import spec_of
+from ..ir.coupling import Coupling
+from ..ir.space import Port, Space, arange
+from ..ir.context import RewriteContext, SizeContext
+from ..ir.spec import spec_of
 from . import attention
 from .io import AttributeRule
 from .registry import OpRule, arg, register_functions, register_op
@@ -52,11 +52,6 @@ _ROLES = {("qkv_weight", 0): "weight", ("qkv_weight", 1): "weight_in", ("proj_we
           ("proj_weight", 1): "weight_in", ("qkv_bias", 0): "bias", ("proj_bias", 0): "bias"}
 BIAS_REASON = "relative position bias: window positions are fixed by the window size"
 COSINE_REASON = "cosine attention (Swin v2) normalizes q and k over their features (removing one changes the rest)"
-
-
-def _preferred() -> str:
-    """Which packed-qkv factor the current stage prunes: ``"heads"`` or ``"head_dim"`` (see ``ops/attention.py``)."""
-    return attention._FACTOR[-1]
 
 
 def _region_ids(size: int, window: int, shift: int, device: torch.device) -> torch.Tensor:
@@ -175,7 +170,7 @@ class WindowAttentionRule(AttributeRule):
             c.tie_dims(x, d, y, d)
         c.tie(x.space(3), w_qkv.space(1), size=x.shape[3])
         c.tie(y.space(3), w_proj.space(0), size=y.shape[3])
-        if _preferred() == "head_dim":
+        if attention.preferred_factor(c.options) == "head_dim":
             self._tie_head_dims(node, c, heads, dq, dv)
         else:
             rows = arange(w_qkv.shape[0])

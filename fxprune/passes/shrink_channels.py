@@ -11,12 +11,12 @@ import torch.fx as fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from ..errors import ExampleInputsError, PlanError, RewriteError
-from ..graph.dependency import Analysis, analyze
-from ..graph.space import Space
+from ..analysis import Analysis, analyze
+from ..ir.space import Space
 from ..plan import Plan
 from ..ops.io import metadata_only
 from ..trace import TensorSpec, record_shapes, spec_of
-from .context import RewriteContext
+from ..ir.context import RewriteContext
 
 log = logging.getLogger(__name__)
 

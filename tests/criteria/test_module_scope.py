@@ -7,7 +7,8 @@ from torch import nn
 
 import fxprune
 from fxprune.errors import RecipeError
-from fxprune.testing import ResCatNet, channel_recipe, prune_and_check
+from fixtures import ResCatNet
+from fxprune.testing import channel_recipe, prune_and_check
 from fxprune.work import count_model
 
 

@@ -9,7 +9,8 @@ from torch import nn
 
 import fxprune
 from fxprune.errors import FxPruneError
-from fxprune.testing import ResCatNet, assert_masked_equals_shrunk, channel_recipe, prune_and_check
+from fixtures import ResCatNet
+from fxprune.testing import assert_masked_equals_shrunk, channel_recipe, prune_and_check
 from fxprune.work import count_work
 
 SEED_CRITERIA = ["taylor", "hessian", "lamp", "catro", "dimap"]

@@ -15,7 +15,7 @@ import torch
 from torchvision.models import swin_transformer as swin
 
 import fxprune
-from fxprune.graph.space import Space
+from fxprune.ir.space import Space
 from fxprune.ops.window_attention import window_attention
 from fxprune.testing import analyze_model, assert_compiles, assert_masked_equals_shrunk, channel_recipe, frozen_of, prune_and_check, units_of
 from fxprune.work import count_model, count_work

@@ -53,7 +53,7 @@ X = torch.randn(2, 6, 8)
 
 def test_heads_and_head_dims_are_separate_groups() -> None:
     a = analyze_model(MHANet(), X)
-    groups = {key: a.space_group[a.index[fxprune.graph.space.Space.parse(key)]]
+    groups = {key: a.space_group[a.index[fxprune.ir.space.Space.parse(key)]]
               for key in ("@attn:0:0", "@attn:0:1", "@attn:0:2", "@attn:0:3", "@attn:0:4")}
     assert len(set(groups.values())) == 5
     assert len(np.unique(units_of(a, "@attn:0:0"))) == 4  # one unit per head
