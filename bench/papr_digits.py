@@ -32,8 +32,9 @@ import torchvision
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import fxprune  # noqa: E402
-from digits import Split, accuracy, digits, train  # noqa: E402
+from digits import Split, accuracy, digits, train
+
+import fxprune
 
 log = logging.getLogger("papr_digits")
 CANVAS, DIGIT, PATCH = 32, 16, 8

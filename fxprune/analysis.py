@@ -10,15 +10,15 @@ from __future__ import annotations
 import fnmatch
 import logging
 from collections import defaultdict
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import networkx as nx
 import numpy as np
 import scipy.sparse as sp
-from scipy.sparse.csgraph import connected_components
-
 import torch.fx as fx
+from scipy.sparse.csgraph import connected_components
 
 from .errors import FxPruneError
 from .ir.coupling import Coupling, Tie
@@ -71,7 +71,8 @@ class Analysis:
     def unit_space_counts(self) -> sp.csr_matrix:
         """Sparse [units x spaces] matrix: how many slots of each space a unit holds."""
         n = len(self.slot_unit)
-        return sp.csr_matrix((np.ones(n, np.int64), (self.slot_unit, self.slot_space)), shape=(self.n_units, len(self.spaces)))
+        return sp.csr_matrix((np.ones(n, np.int64), (self.slot_unit, self.slot_space)),
+                             shape=(self.n_units, len(self.spaces)))
 
     def group_reasons(self, group: int) -> list[str]:
         spaces = np.flatnonzero(self.space_group == group)
@@ -106,7 +107,8 @@ def _collect(gm: fx.GraphModule, ignore: Sequence[str], options: Mapping[str, An
         except FxPruneError:
             raise
         except Exception as exc:
-            raise FxPruneError(f"op rule '{rule.name}' failed on {node.format_node()}: {type(exc).__name__}: {exc}") from exc
+            raise FxPruneError(f"op rule '{rule.name}' failed on {node.format_node()}: "
+                               f"{type(exc).__name__}: {exc}") from exc
         apps.append(_Application(node, rule, c, scope, _is_ignored(node, ignore)))
     return apps
 

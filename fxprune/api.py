@@ -5,7 +5,7 @@ import copy
 import logging
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, cast
 
 import torch
 import torch.fx as fx
@@ -42,15 +42,18 @@ def unwrap_model(model: Any) -> nn.Module:
 def _check_model(model: Any) -> None:
     meta = [n for n, p in model.named_parameters() if p.is_meta]
     if meta:
-        raise FxPruneError(f"parameter '{meta[0]}' is on the meta device: load real weights before pruning (criteria read weights)")
-    bad = [n for n, p in model.named_parameters() if p.numel() and not torch.isfinite(p.detach().sum()) and not torch.isfinite(p).all()]
+        raise FxPruneError(f"parameter '{meta[0]}' is on the meta device: load real weights before pruning "
+                           f"(criteria read weights)")
+    bad = [n for n, p in model.named_parameters()
+           if p.numel() and not torch.isfinite(p.detach().sum()) and not torch.isfinite(p).all()]
     if bad:
-        raise FxPruneError(f"parameter '{bad[0]}' holds NaN or Inf values: criteria cannot rank channels of a broken model")
+        raise FxPruneError(f"parameter '{bad[0]}' holds NaN or Inf values: criteria cannot rank channels of a "
+                           f"broken model")
 
 
-def compile(  # noqa: A001  (the name users expect)
+def compile(
     model: nn.Module,
-    recipe: Union[Recipe, dict, str, Path],
+    recipe: Recipe | dict | str | Path,
     *,
     example_inputs: Any,
     data: Any = None,
@@ -94,8 +97,9 @@ def compile(  # noqa: A001  (the name users expect)
     gm = prune_graph(copy.deepcopy(model).eval(), recipe, inputs, data=data, evaluate=evaluate, finetune=finetune)
     gm.train(model.training)
     if backend is not None:
-        compiled = torch.compile(gm, backend=backend, fullgraph=True)
-        compiled.fxprune_plan, compiled.fxprune_recipe = gm.fxprune_plan, recipe
+        plan = cast(Plan, gm.fxprune_plan)
+        compiled = cast(nn.Module, torch.compile(gm, backend=backend, fullgraph=True))
+        attach_result(compiled, plan, recipe)
         return compiled
     return gm
 
@@ -118,9 +122,15 @@ def prune_graph(module: nn.Module, recipe: Recipe, inputs: tuple, *, data: Any =
     after = output_spec(gm)
     if before != after:
         raise FxPruneError(f"internal error: output shapes changed from {before} to {after}")
-    gm.fxprune_plan = plan
-    gm.fxprune_recipe = recipe
+    attach_result(gm, plan, recipe)
     return gm
+
+
+def attach_result(module: nn.Module, plan: Plan, recipe: Recipe) -> None:
+    """Record ``plan`` and ``recipe`` on a pruned result as ``fxprune_plan`` / ``fxprune_recipe``."""
+    # setattr: nn.Module's typed __setattr__ names only tensors and modules, these are plain attributes
+    setattr(module, "fxprune_plan", plan)
+    setattr(module, "fxprune_recipe", recipe)
 
 
 def output_spec(gm: fx.GraphModule) -> Any:
@@ -129,4 +139,4 @@ def output_spec(gm: fx.GraphModule) -> Any:
     return [spec_of(a) for a in out.all_input_nodes]
 
 
-__all__ = ["compile", "prune_graph", "as_input_tuple", "unwrap_model"]
+__all__ = ["compile", "prune_graph", "attach_result", "as_input_tuple", "unwrap_model"]

@@ -74,7 +74,7 @@ class Planner:
         self.budget = budget
         self.counts = analysis.unit_space_counts()
         self.counter = Counter(analysis)
-        wanted = analysis.prunable_groups() if groups is None else [g for g in analysis.prunable_groups() if g in groups]
+        wanted = [g for g in analysis.prunable_groups() if groups is None or g in groups]
         self.orders = [o for o in (self._order(g, scores) for g in wanted) if len(o.order)]
         self.family: dict[int, str] = {}
         if budget.scope == "module":
@@ -96,7 +96,8 @@ class Planner:
         params = [self.a.spaces[i] for i in np.flatnonzero(self.a.space_group == g) if self.a.spaces[i].is_param]
         for produces in (True, False):
             for name, patterns in self.budget.modules.items():
-                if any((s.dim == 0 or not produces) and fnmatch.fnmatchcase(s.owner[1:], p) for s in params for p in patterns):
+                if any((s.dim == 0 or not produces) and fnmatch.fnmatchcase(s.owner[1:], p)
+                       for s in params for p in patterns):
                     return name
         return None
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import yaml
 
@@ -56,7 +56,8 @@ class Recipe:
         if not isinstance(self.stages, list) or not self.stages:
             raise RecipeError("stages", "must be a non-empty list of stages")
         if not isinstance(self.leaf_modules, list) or not all(isinstance(p, str) for p in self.leaf_modules):
-            raise RecipeError("leaf_modules", f"must be a list of module paths or class names, got {self.leaf_modules!r}")
+            raise RecipeError("leaf_modules", f"must be a list of module paths or class names, "
+                                              f"got {self.leaf_modules!r}")
         validate_submodule_path(self.submodule)
         rewriter = None
         for i, stage in enumerate(self.stages):
@@ -83,7 +84,7 @@ class Recipe:
         return json.dumps(self.to_dict(), indent=2)
 
     @classmethod
-    def from_dict(cls, data: Any) -> "Recipe":
+    def from_dict(cls, data: Any) -> Recipe:
         if not isinstance(data, dict):
             raise RecipeError("<root>", f"must be a mapping with 'stages', got {type(data).__name__}")
         if "scope" in data:  # the issue's spelling; at the root it would shadow stages[i].scope (local/global/module)
@@ -104,7 +105,7 @@ class Recipe:
                    leaf_modules=data.get("leaf_modules", []), submodule=data.get("submodule", ""))
 
     @classmethod
-    def from_file(cls, path: Union[str, Path]) -> "Recipe":
+    def from_file(cls, path: str | Path) -> Recipe:
         p = Path(path)
         try:
             found = p.is_file()
@@ -119,7 +120,7 @@ class Recipe:
         return cls.from_dict(data)
 
     @classmethod
-    def load(cls, recipe: Union["Recipe", dict, str, Path]) -> "Recipe":
+    def load(cls, recipe: Recipe | dict | str | Path) -> Recipe:
         """Accept a ``Recipe``, a dict, a path to a YAML/JSON file, or YAML/JSON text (a string that parses to a
         mapping)."""
         if isinstance(recipe, Recipe):

@@ -13,19 +13,19 @@ file: its tensors are the pruned model's ``state_dict`` and its string header me
 * ``fxprune_version`` and ``torch_version`` (informational).
 
 ``fxprune.load(path, model_or_constructor, example_inputs)`` traces the original architecture again, replays the
-plan (``passes.replay.apply_plan``: channels, then recorded rewrites) and then loads the saved tensors, so weights changed after pruning (fine-tuning)
-survive. Any safetensors reader can open the file; nothing in it is executable.
+plan (``passes.replay.apply_plan``: channels, then recorded rewrites) and then loads the saved tensors, so weights
+changed after pruning (fine-tuning) survive. Any safetensors reader can open the file; nothing in it is executable.
 """
 from __future__ import annotations
 
 import copy
 import json
 import logging
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence, Union
+from typing import Any
 
 import torch
-import torch.fx as fx
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -74,7 +74,7 @@ def _input_specs(module: nn.Module, submodule: str, example_inputs: Any) -> list
     return [{"shape": list(t.shape), "dtype": str(t.dtype)} for t in inputs if isinstance(t, torch.Tensor)]
 
 
-def save(pruned: nn.Module, path: Union[str, Path], *, leaf_modules: Sequence[str] | None = None,
+def save(pruned: nn.Module, path: str | Path, *, leaf_modules: Sequence[str] | None = None,
          example_inputs: Any = None) -> Path:
     """Write ``pruned`` (a result of ``fxprune.compile``) to the single safetensors file ``path``.
 
@@ -106,7 +106,8 @@ def save(pruned: nn.Module, path: Union[str, Path], *, leaf_modules: Sequence[st
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "plan": plan.to_json(),
             "leaf_modules": json.dumps(_leaf_modules_of(pruned, leaf_modules)), "inputs": json.dumps(inputs),
             "submodule": submodule,
-            "training": json.dumps(bool(module.training)), "fxprune_version": __version__, "torch_version": torch.__version__}
+            "training": json.dumps(bool(module.training)), "fxprune_version": __version__,
+            "torch_version": torch.__version__}
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out), metadata=meta)
@@ -114,7 +115,7 @@ def save(pruned: nn.Module, path: Union[str, Path], *, leaf_modules: Sequence[st
     return out
 
 
-def read_metadata(path: Union[str, Path]) -> dict[str, Any]:
+def read_metadata(path: str | Path) -> dict[str, Any]:
     """The decoded header of an fxprune file: ``plan`` (a ``Plan``), ``leaf_modules``, ``inputs`` and versions."""
     p = Path(path)
     if not p.is_file():
@@ -127,7 +128,8 @@ def read_metadata(path: Union[str, Path]) -> dict[str, Any]:
     if meta.get("format") != FORMAT:
         raise FxPruneError(f"'{p}' is a safetensors file but not an fxprune file (no format '{FORMAT}' in its header)")
     if meta.get("format_version") != FORMAT_VERSION:
-        raise FxPruneError(f"'{p}' has fxprune format version {meta.get('format_version')!r}; this fxprune reads {FORMAT_VERSION}")
+        raise FxPruneError(f"'{p}' has fxprune format version {meta.get('format_version')!r}; this fxprune reads "
+                           f"{FORMAT_VERSION}")
     try:
         return {"plan": Plan.from_json(meta["plan"]), "leaf_modules": json.loads(meta.get("leaf_modules", "[]")),
                 "inputs": json.loads(meta.get("inputs", "[]")), "training": json.loads(meta.get("training", "false")),
@@ -138,7 +140,7 @@ def read_metadata(path: Union[str, Path]) -> dict[str, Any]:
         raise FxPruneError(f"'{p}' has a damaged fxprune header: {exc}") from exc
 
 
-def _instantiate(model_or_constructor: Union[nn.Module, Callable[[], nn.Module]]) -> nn.Module:
+def _instantiate(model_or_constructor: nn.Module | Callable[[], nn.Module]) -> nn.Module:
     if isinstance(model_or_constructor, nn.Module):
         return copy.deepcopy(unwrap(model_or_constructor)[0])  # never touch the caller's model
     if callable(model_or_constructor):
@@ -155,23 +157,24 @@ def _default_inputs(specs: list[dict], path: Path) -> tuple:
     return tuple(torch.zeros(s["shape"], dtype=_DTYPES.get(s["dtype"], torch.float32)) for s in specs)
 
 
-def _load_weights(gm: fx.GraphModule, tensors: dict[str, torch.Tensor], path: Path, arch: str) -> None:
+def _load_weights(gm: nn.Module, tensors: dict[str, torch.Tensor], path: Path, arch: str) -> None:
     own = gm.state_dict()
     missing = sorted(set(own) - set(tensors))
     extra = sorted(set(tensors) - set(own))
     if missing or extra:
-        which = f"missing from the file: {', '.join(missing[:3])}" if missing else f"unknown to the model: {', '.join(extra[:3])}"
+        which = (f"missing from the file: {', '.join(missing[:3])}" if missing
+                 else f"unknown to the model: {', '.join(extra[:3])}")
         raise PlanError(f"'{path}' does not fit {arch}: its tensors differ from the pruned model's ({which})")
     for key, value in tensors.items():
         if tuple(own[key].shape) != tuple(value.shape):
             module = key.rsplit(".", 1)[0]
-            raise PlanError(f"'{path}' does not fit {arch}: module '{module}' has '{key}' of shape {tuple(own[key].shape)} "
-                            f"after replaying the plan, the file holds {tuple(value.shape)}")
+            raise PlanError(f"'{path}' does not fit {arch}: module '{module}' has '{key}' of shape "
+                            f"{tuple(own[key].shape)} after replaying the plan, the file holds {tuple(value.shape)}")
     gm.load_state_dict(tensors, strict=True)
 
 
-def load(path: Union[str, Path], model_or_constructor: Union[nn.Module, Callable[[], nn.Module]],
-         example_inputs: Any = None) -> fx.GraphModule:
+def load(path: str | Path, model_or_constructor: nn.Module | Callable[[], nn.Module],
+         example_inputs: Any = None) -> nn.Module:
     """Rebuild a pruned model saved with ``fxprune.save``.
 
     The plan is replayed on the original architecture and the saved weights are then loaded into the result.
@@ -198,6 +201,7 @@ def load(path: Union[str, Path], model_or_constructor: Union[nn.Module, Callable
     model = _instantiate(model_or_constructor)
     arch = type(model).__name__
     inputs = _default_inputs(meta["inputs"], p) if example_inputs is None else as_input_tuple(example_inputs)
+    gm: nn.Module
     try:
         if meta["submodule"]:  # partial tracing: replay on the same submodule, return the whole model
             from .submodule import capture_inputs, replay_submodule
@@ -211,7 +215,7 @@ def load(path: Union[str, Path], model_or_constructor: Union[nn.Module, Callable
     except PlanError as exc:
         raise PlanError(f"the plan in '{p}' does not fit {arch}: {exc}") from exc
     _load_weights(gm, load_file(str(p)), p, arch)
-    gm.fxprune_plan = plan
+    setattr(gm, "fxprune_plan", plan)  # nn.Module's typed __setattr__ names only tensors and modules
     gm.train(bool(meta["training"]))
     log.info("loaded %s from %s (%d spaces shrunk)", arch, p, len(plan.kept))
     return gm

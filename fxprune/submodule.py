@@ -27,7 +27,8 @@ import copy
 import difflib
 import inspect
 import logging
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 from torch import nn

@@ -9,7 +9,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
-from typing import Any, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -107,7 +108,7 @@ def _renormalize_norms(gm: fx.GraphModule, plan: Plan, norms: list[tuple[fx.Node
             node.target = name
             continue
         rms = node.target is F.rms_norm
-        names = ("input", "normalized_shape", "weight", "eps") if rms else ("input", "normalized_shape", "weight", "bias", "eps")
+        names = ("input", "normalized_shape", "weight", *(() if rms else ("bias",)), "eps")
         given = {**dict(zip(names, node.args)), **node.kwargs}
         gm.register_buffer(f"_fxprune_renorm_keep_{i}", keep)
         with gm.graph.inserting_before(node):
@@ -118,7 +119,8 @@ def _renormalize_norms(gm: fx.GraphModule, plan: Plan, norms: list[tuple[fx.Node
         node.kwargs = {}
 
 
-def masked_model(model: nn.Module, plan: Plan, example_inputs: Sequence[Any], leaf_modules: Sequence[str] = ()) -> fx.GraphModule:
+def masked_model(model: nn.Module, plan: Plan, example_inputs: Sequence[Any],
+                 leaf_modules: Sequence[str] = ()) -> fx.GraphModule:
     """The original model with every channel the plan removes zeroed wherever it appears.
 
     With ``plan.options["layer_norm"] == "renormalize"``, every LayerNorm/RMSNorm whose normalized channels lose
@@ -240,7 +242,8 @@ def assert_masked_equals_shrunk(
     for i, (w, g) in enumerate(zip(want, got)):
         assert w.shape == g.shape, f"output {i}: masked shape {tuple(w.shape)} != shrunk shape {tuple(g.shape)}"
         scale = max(1.0, float(w.abs().max())) if w.numel() and w.is_floating_point() else 1.0
-        torch.testing.assert_close(g, w, atol=atol * scale, rtol=rtol, msg=lambda m: f"output {i}: shrunk != masked: {m}")
+        torch.testing.assert_close(g, w, atol=atol * scale, rtol=rtol,
+                                   msg=lambda m: f"output {i}: shrunk != masked: {m}")
 
 
 def _digest(t: torch.Tensor) -> tuple:
@@ -276,7 +279,8 @@ def assert_compiles(model: nn.Module, *inputs: Any, backend: str = "aot_eager", 
     return compiled
 
 
-def prune_and_check(model: nn.Module, recipe: Any, inputs: Any, *, atol: float = 1e-4, rtol: float = 1e-4) -> fx.GraphModule:
+def prune_and_check(model: nn.Module, recipe: Any, inputs: Any, *, atol: float = 1e-4,
+                    rtol: float = 1e-4) -> fx.GraphModule:
     """``fxprune.compile`` then ``assert_masked_equals_shrunk``; also checks the input model was not modified."""
     inputs = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
     recipe = Recipe.load(recipe)
@@ -285,7 +289,8 @@ def prune_and_check(model: nn.Module, recipe: Any, inputs: Any, *, atol: float =
     after = state_digest(model)
     changed = sorted(k for k in state.keys() | after.keys() if state.get(k) != after.get(k))
     assert not changed, f"compile modified the input model at {changed}"
-    assert_masked_equals_shrunk(model, pruned.fxprune_plan, inputs, pruned, leaf_modules=recipe.leaf_modules, atol=atol, rtol=rtol)
+    assert_masked_equals_shrunk(model, pruned.fxprune_plan, inputs, pruned, leaf_modules=recipe.leaf_modules,
+                                atol=atol, rtol=rtol)
     return pruned
 
 

@@ -6,17 +6,18 @@ in ``node.meta["fxprune"]``, the shape of every tensor (or the plain value of a 
 from __future__ import annotations
 
 import fnmatch
-import sys
 import logging
+import sys
 import traceback
-from typing import Any, Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import torch
 import torch.fx as fx
 from torch import nn
 
 from .errors import ExampleInputsError, TraceFailure
-from .ir.spec import META, TensorSpec, spec_of
+from .ir.spec import META, TensorSpec
 from .ops import attention, timm_norm
 from .ops.registry import has_module_rule
 
@@ -40,7 +41,8 @@ def register_autowrap_function(*fns: Callable[..., Any]) -> None:
 def _static_length(node: fx.Node) -> int | None:
     """How many items a split-like node returns, when its arguments say so (``chunk(n)``, ``split([...])``)."""
     name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
-    second = node.args[1] if len(node.args) > 1 else node.kwargs.get("chunks", node.kwargs.get("split_size_or_sections"))
+    kwargs = node.kwargs
+    second = node.args[1] if len(node.args) > 1 else kwargs.get("chunks", kwargs.get("split_size_or_sections"))
     if name == "chunk" and isinstance(second, int):
         return second
     if name in ("split", "split_with_sizes", "tensor_split") and isinstance(second, (list, tuple)):
@@ -130,7 +132,8 @@ def unwrap(model: nn.Module) -> tuple[nn.Module, list[str]]:
         wrappers.append(name)
 
 
-def trace(model: nn.Module, leaf_modules: Sequence[str] = (), autowrap_functions: Iterable[Callable] = ()) -> fx.GraphModule:
+def trace(model: nn.Module, leaf_modules: Sequence[str] = (),
+          autowrap_functions: Iterable[Callable] = ()) -> fx.GraphModule:
     """Symbolically trace ``model`` (which is not modified) into a ``GraphModule``.
 
     The result shares submodules with ``model``: deep-copy the model first if the trace will be shrunk
@@ -159,8 +162,12 @@ def trace(model: nn.Module, leaf_modules: Sequence[str] = (), autowrap_functions
                 exc = second
     if graph is None:
         where = tracer.failed_in or ""
-        owner = f"module '{where}' ({type(model.get_submodule(where)).__name__})" if where else f"'{type(model).__name__}.forward'"
-        hint = f"mark it as a leaf with recipe leaf_modules=['{where}']" if where else "mark the offending submodule as a leaf with recipe leaf_modules=[...]"
+        if where:
+            owner = f"module '{where}' ({type(model.get_submodule(where)).__name__})"
+            hint = f"mark it as a leaf with recipe leaf_modules=['{where}']"
+        else:
+            owner = f"'{type(model).__name__}.forward'"
+            hint = "mark the offending submodule as a leaf with recipe leaf_modules=[...]"
         raise TraceFailure(
             f"torch.fx could not trace {owner} at {_user_frame(exc)}: {type(exc).__name__}: {exc}. "
             f"torch.fx cannot follow data-dependent control flow or code outside modules; {hint} "

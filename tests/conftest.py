@@ -9,9 +9,9 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import pytest
+import torch
 
 # One intra-op thread per test process: with pytest-xdist workers on 2 cores, more threads oversubscribe the
 # cores and small convolutions slow down a hundredfold.

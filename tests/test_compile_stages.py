@@ -17,7 +17,8 @@ class TinyProposal(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.body = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, stride=2, padding=1))
+        self.body = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.ReLU(),
+                                  nn.Conv2d(8, 8, 3, stride=2, padding=1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.body(x)

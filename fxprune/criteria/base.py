@@ -5,14 +5,15 @@ Criteria read parameter values only through the op rules' ``param_slices`` (tagg
 from __future__ import annotations
 
 import difflib
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 
-from ..errors import RecipeError
 from ..analysis import Analysis
+from ..errors import RecipeError
 from ..ir.space import arange
 
 

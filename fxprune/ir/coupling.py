@@ -14,8 +14,8 @@ import numpy as np
 import torch.fx as fx
 from torch import nn
 
-from .spec import TensorSpec, spec_of
 from .space import Port, Space, arange
+from .spec import TensorSpec, spec_of
 
 
 @dataclass
@@ -71,7 +71,8 @@ class Coupling:
         return [p] if p is not None else []
 
     # -- statements ---------------------------------------------------------------------------------------------
-    def tie(self, a: Space, b: Space, ia: np.ndarray | None = None, ib: np.ndarray | None = None, size: int | None = None) -> None:
+    def tie(self, a: Space, b: Space, ia: np.ndarray | None = None, ib: np.ndarray | None = None,
+            size: int | None = None) -> None:
         """Tie slots of ``a`` to slots of ``b`` (all slots, identity, when the index arrays are omitted)."""
         if ia is None:
             ia = arange(size if size is not None else self.size(a))

@@ -22,7 +22,7 @@ class Space(NamedTuple):
         return f"{self.owner}:{self.item}:{self.dim}"
 
     @staticmethod
-    def parse(key: str) -> "Space":
+    def parse(key: str) -> Space:
         owner, item, dim = key.rsplit(":", 2)
         return Space(owner, int(item), int(dim))
 

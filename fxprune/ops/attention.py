@@ -13,23 +13,25 @@ A reshape that splits ``3·H·D`` into ``(3, H, D)`` (or merges ``(H, D)`` back 
 through only one factor. ``head_factor_hint`` (registered with the reshape rule) picks the factor that reaches an
 attention op's head dim, so whole heads are the units and the ``num_heads`` constant is rewritten. A unit cannot be
 both "head h" and "feature d of every head", so head-dim pruning of packed ``qkv`` layouts analyses the graph again
-with the analysis option ``{"qkv_factor": "head_dim"}`` (the ``head_dim`` stage, ``fxprune/stages/head_dim.py``). ``nn.MultiheadAttention``
-(``attention_mha.py``) keeps heads and head dims as separate internal axes, so channel stages prune both.
+with the analysis option ``{"qkv_factor": "head_dim"}`` (the ``head_dim`` stage, ``fxprune/stages/head_dim.py``).
+``nn.MultiheadAttention`` (``attention_mha.py``) keeps heads and head dims as separate internal axes, so channel
+stages prune both.
 """
 from __future__ import annotations
 
 import math
 import operator
 import sys
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
+from ..ir.context import RewriteContext, SizeContext
 from ..ir.coupling import Coupling
 from ..ir.space import Port, Space
-from ..ir.context import RewriteContext, SizeContext
 from ..ir.spec import TensorSpec, spec_of
 from .registry import OpRule, arg, register_functions, register_op
 from .reshape import register_factor_hint
@@ -282,4 +284,5 @@ def head_factor_hint(node: fx.Node, splits: bool, dim: int, options: Mapping[str
     return _reaches_heads(node, dim, factor) if splits else _comes_from_heads(node.args[0], dim, factor)
 
 
-__all__ = ["SdpaRule", "MatmulRule", "ScoresShapeRule", "register_timm", "head_factor_hint", "preferred_factor", "QKV_FACTOR", "head_dim_of", "KEY_TOKENS_REASON"]
+__all__ = ["SdpaRule", "MatmulRule", "ScoresShapeRule", "register_timm", "head_factor_hint", "preferred_factor",
+           "QKV_FACTOR", "QKV_FACTORS", "head_dim_of", "KEY_TOKENS_REASON"]

@@ -123,7 +123,8 @@ class ReductionRule(OpRule):
             j += 1
 
 
-@register_op(F.softmax, F.log_softmax, torch.softmax, torch.log_softmax, "softmax", "log_softmax", nn.Softmax, nn.LogSoftmax)
+@register_op(F.softmax, F.log_softmax, torch.softmax, torch.log_softmax, "softmax", "log_softmax", nn.Softmax,
+             nn.LogSoftmax)
 class SoftmaxRule(OpRule):
     """Softmax normalizes along one dim (frozen); others pass through."""
 

@@ -24,9 +24,9 @@ from typing import Any
 import torch.fx as fx
 from torch import nn
 
+from ..ir.context import RewriteContext, SizeContext
 from ..ir.coupling import Coupling
 from ..ir.space import Port, Space
-from ..ir.context import RewriteContext, SizeContext
 from .tensor_attr import slice_attr
 
 FREEZE = "freeze"

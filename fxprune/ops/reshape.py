@@ -10,15 +10,16 @@ from __future__ import annotations
 
 import builtins
 import math
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 import torch.fx as fx
 from torch import nn
 
+from ..ir.context import RewriteContext
 from ..ir.coupling import Coupling, Tie, make_tie
 from ..ir.space import Port, arange
-from ..ir.context import RewriteContext
 from ..ir.spec import spec_of
 from .registry import OpRule, arg, register_op
 
@@ -101,8 +102,9 @@ def _rewrite_sizes(sizes: list, new_shape: tuple[int, ...], old_shape: tuple[int
     shrank, since its source need not shrink with it (``reshape(B, N, C)`` with ``C`` read off the input, after
     attention heads were removed)."""
     old_shape = old_shape or new_shape
-    return [new_shape[d] if (isinstance(s, int) and s != -1) or (isinstance(s, fx.Node) and new_shape[d] != old_shape[d])
-            else s for d, s in enumerate(sizes)]
+    return [new_shape[d]
+            if (isinstance(s, int) and s != -1) or (isinstance(s, fx.Node) and new_shape[d] != old_shape[d]) else s
+            for d, s in enumerate(sizes)]
 
 
 @register_op(torch.flatten, torch.squeeze, torch.unsqueeze, torch.reshape, torch.unflatten, nn.Flatten,

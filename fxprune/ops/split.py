@@ -7,12 +7,11 @@ import numpy as np
 import torch
 import torch.fx as fx
 
+from ..ir.context import RewriteContext
 from ..ir.coupling import Coupling
 from ..ir.space import Port, Space, arange
-from ..ir.context import RewriteContext
 from ..ir.spec import TensorSpec, spec_of
 from .registry import OpRule, arg, register_op
-
 
 _INT_DTYPES = (torch.int64, torch.int32)
 

@@ -27,16 +27,16 @@ After shrinking, the node calls ``window_attention`` below: the same computation
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
+from ..ir.context import RewriteContext, SizeContext
 from ..ir.coupling import Coupling
 from ..ir.space import Port, Space, arange
-from ..ir.context import RewriteContext, SizeContext
 from ..ir.spec import spec_of
 from . import attention
 from .io import AttributeRule
@@ -70,12 +70,12 @@ def window_attention(
     shift_size: Sequence[int],
     attention_dropout: float = 0.0,
     dropout: float = 0.0,
-    qkv_bias: Optional[torch.Tensor] = None,
-    proj_bias: Optional[torch.Tensor] = None,
-    logit_scale: Optional[torch.Tensor] = None,
+    qkv_bias: torch.Tensor | None = None,
+    proj_bias: torch.Tensor | None = None,
+    logit_scale: torch.Tensor | None = None,
     training: bool = True,
-    v_dim: Optional[int] = None,
-    scale: Optional[float] = None,
+    v_dim: int | None = None,
+    scale: float | None = None,
 ) -> torch.Tensor:
     """(Shifted) window multi-head self-attention whose inner widths may differ from the input's channels.
 
@@ -120,7 +120,8 @@ def window_attention(
         ids = ids.view(nh, wh, nw, ww).permute(0, 2, 1, 3).reshape(nh * nw, tokens)
         same = ids[:, None, :] == ids[:, :, None]
         mask = torch.where(same, 0.0, -100.0).to(attn.dtype)
-        attn = (attn.view(b, nh * nw, num_heads, tokens, tokens) + mask[None, :, None]).view(-1, num_heads, tokens, tokens)
+        attn = attn.view(b, nh * nw, num_heads, tokens, tokens) + mask[None, :, None]
+        attn = attn.view(-1, num_heads, tokens, tokens)
     attn = F.dropout(F.softmax(attn, dim=-1), p=attention_dropout, training=training)
     x = (attn @ v).transpose(1, 2).reshape(x.shape[0], tokens, inner)
     x = F.dropout(F.linear(x, proj_weight, proj_bias), p=dropout, training=training)
@@ -134,7 +135,7 @@ def window_attention(
 torch.fx.wrap("window_attention")
 
 
-def head_dims(rows: int, heads: int, v_dim: Optional[int] = None) -> tuple[int, int]:
+def head_dims(rows: int, heads: int, v_dim: int | None = None) -> tuple[int, int]:
     """(q/k width, v width) per head of a packed ``qkv`` with ``rows`` rows."""
     if v_dim is None:
         return rows // (3 * heads), rows // (3 * heads)
@@ -161,7 +162,8 @@ class WindowAttentionRule(AttributeRule):
         w_qkv, w_proj = _weight_port(node, c, "qkv_weight"), _weight_port(node, c, "proj_weight")
         bias = _weight_port(node, c, "relative_position_bias")
         heads = arg(node, ARGS["num_heads"], "num_heads")
-        if None in (x, y, w_qkv, w_proj, bias) or not isinstance(heads, int) or bias.ndim != 4 or bias.shape[1] != heads:
+        if (None in (x, y, w_qkv, w_proj, bias) or not isinstance(heads, int) or bias.ndim != 4
+                or bias.shape[1] != heads):
             return
         dq, dv = head_dims(w_qkv.shape[0], heads, node.kwargs.get("v_dim"))
         if w_proj.shape[1] != heads * dv or w_qkv.shape[0] != heads * (2 * dq + dv):

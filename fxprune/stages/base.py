@@ -61,6 +61,10 @@ class Stage:
         ``ctx.example_inputs`` are the inputs shapes were recorded with."""
         raise NotImplementedError(f"stage kind '{self.kind}' ({type(self).__name__}) does not implement run()")
 
+    def summary(self) -> str:
+        """This stage in one line, for logs and the command line (``channels flops=0.5 by l2``)."""
+        return self.kind
+
     def to_dict(self) -> dict[str, Any]:
         """The recipe mapping of this stage: ``kind`` first, then its fields."""
         return {"kind": self.kind, **dataclasses.asdict(self)}
@@ -167,6 +171,9 @@ class PruningStage(Stage):
     @property
     def target_value(self) -> float:
         return float(next(iter(self.target.values())))
+
+    def summary(self) -> str:
+        return f"{self.kind} {self.target_kind}={self.target_value:g} by {self.criterion}"
 
     def validate_target(self, path: str) -> None:
         """``target`` holds exactly one of ``TARGETS``, a fraction in [0, 1)."""

@@ -2,9 +2,9 @@
 
 Packed ``qkv`` layouts (timm's ``qkv`` Linear → reshape ``(B, N, 3, H, D)``) can carry channels through one reshape
 factor only, and the default analysis picks the heads (``ops/attention.py``). This stage analyses the graph with
-the head-dim factor preferred instead (the analysis option ``{"qkv_factor": "head_dim"}``): a unit is feature ``d`` of q, k and v in
-every head of a layer. The sdpa rewrite pins ``scale=`` to the original ``1/sqrt(D)``, so shrunk ≡ masked. For
-``nn.MultiheadAttention`` the q/k and v head dims are the module's own axes.
+the head-dim factor preferred instead (the analysis option ``{"qkv_factor": "head_dim"}``): a unit is feature ``d``
+of q, k and v in every head of a layer. The sdpa rewrite pins ``scale=`` to the original ``1/sqrt(D)``, so
+shrunk ≡ masked. For ``nn.MultiheadAttention`` the q/k and v head dims are the module's own axes.
 
 Because its units only exist under that preference, the stage rewrites the graph (``rewrites_graph = True``): its
 kept indices are recorded as a ``Plan.rewrites`` entry ``{"pass": "head_dim", "kept": ..., "sizes": ...}`` (indices

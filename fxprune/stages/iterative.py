@@ -102,7 +102,8 @@ def _sweep(planner: Planner, gm: fx.GraphModule, stage: IterativeStage, ctx: Sco
         saving = planner.reduction(removed, stage.metric)
         metric = float(ctx.evaluate(_replay(gm, planner.plan(removed), inputs, planner.a)))
         score = saving * max(metric, 0.0) ** alpha
-        log.debug("step %d group %d rate %.2f: saving %.4f metric %.4f score %.3g", step, o.group, rate, saving, metric, score)
+        log.debug("step %d group %d rate %.2f: saving %.4f metric %.4f score %.3g", step, o.group, rate, saving,
+                  metric, score)
         if i not in best or score > best[i][0]:
             best[i] = (score, i, removed)
     return sorted(best.values(), key=lambda t: (-t[0], t[1]))
@@ -159,7 +160,8 @@ def run_iterative_stage(gm: fx.GraphModule, stage: IterativeStage, ctx: ScoreCon
         ShrinkChannels(step_plan, inputs, a)(gm)
         plan = plan.compose(step_plan)
         log.info("iterative step %d: %d groups, %d units removed, %s %.4f of the original left (alpha %.1f)", step,
-                 len({int(g) for g in a.unit_group[removed]}), len(removed), stage.metric, counts[stage.metric] / base, alpha)
+                 len({int(g) for g in a.unit_group[removed]}), len(removed), stage.metric,
+                 counts[stage.metric] / base, alpha)
         if ctx.finetune is not None:
             ctx.finetune(gm, step)
         gm.eval()
@@ -168,7 +170,8 @@ def run_iterative_stage(gm: fx.GraphModule, stage: IterativeStage, ctx: ScoreCon
             met = True
             break
     if not met:
-        log.warning("iterative: target %s %.3f not met after %d steps", stage.target_kind, stage.target_value, stage.steps)
+        log.warning("iterative: target %s %.3f not met after %d steps", stage.target_kind, stage.target_value,
+                    stage.steps)
     plan.stats = {**plan.stats, "target_met": int(met)}
     return plan
 

@@ -10,16 +10,17 @@ from __future__ import annotations
 
 import copy
 import functools
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
 import torch.fx as fx
+from fixtures import ResCatNet
 from torch import nn
 from torchvision.models import detection, segmentation
 
 import fxprune
-from fixtures import ResCatNet
 from fxprune.outputs import tensors_of
 from fxprune.submodule import capture_inputs, resolve_submodule, set_submodule
 from fxprune.testing import assert_masked_equals_shrunk, masked_model, state_digest

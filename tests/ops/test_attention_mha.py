@@ -11,8 +11,14 @@ import fxprune
 from fxprune.criteria import get_criterion
 from fxprune.criteria.base import ScoreContext
 from fxprune.nn.attention import PrunedMultiheadAttention
-from fxprune.testing import (analyze_model, assert_masked_equals_shrunk, channel_recipe, prune_and_check, state_digest,
-                              units_of)
+from fxprune.testing import (
+    analyze_model,
+    assert_masked_equals_shrunk,
+    channel_recipe,
+    prune_and_check,
+    state_digest,
+    units_of,
+)
 
 
 @pytest.mark.parametrize("batch_first", [True, False])
@@ -85,7 +91,8 @@ def test_each_internal_axis_alone_masked_equals_shrunk(axis: int, expect: str) -
     assert pruned.attn.num_heads == 2  # every internal axis is prunable at once; check each was sliced
     plan = pruned.fxprune_plan
     assert f"@attn:0:{axis}" in plan.kept, expect
-    single = fxprune.Plan({f"@attn:0:{axis}": plan.kept[f"@attn:0:{axis}"]}, {f"@attn:0:{axis}": plan.sizes[f"@attn:0:{axis}"]})
+    key = f"@attn:0:{axis}"
+    single = fxprune.Plan({key: plan.kept[key]}, {key: plan.sizes[key]})
     assert_masked_equals_shrunk(model, single, (X,))
 
 

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from fixtures import ResCatNet
 from timm.models.vision_transformer import Attention
 from torch import nn
 
 import fxprune
 from fxprune.errors import BudgetError, RecipeError
 from fxprune.stages.heads import HeadStage
-from fixtures import ResCatNet
 from fxprune.testing import prune_and_check
 from fxprune.work import count_work
 
@@ -90,7 +90,8 @@ def test_taylor_scores_heads_with_data() -> None:
 
 def test_heads_then_channels_compose() -> None:
     model = TwoBlocks().eval()
-    recipe = {"stages": [{"kind": "heads", "target": {"sparsity": 0.5}}, {"kind": "channels", "target": {"flops": 0.3}}]}
+    recipe = {"stages": [{"kind": "heads", "target": {"sparsity": 0.5}},
+                         {"kind": "channels", "target": {"flops": 0.3}}]}
     pruned = prune_and_check(model, recipe, X)
     assert pruned.b0.fc1.out_features < 64 and kept_heads(pruned, "b0", 8) <= 2
 
@@ -135,7 +136,8 @@ def test_head_dim_stage_shrinks_features_of_every_head_with_the_scale_pinned() -
 class MHABlock(nn.Module):
     def __init__(self) -> None:
         super().__init__()
-        self.inp, self.attn, self.head = nn.Linear(8, 32), nn.MultiheadAttention(32, 4, batch_first=True), nn.Linear(32, 5)
+        self.inp, self.head = nn.Linear(8, 32), nn.Linear(32, 5)
+        self.attn = nn.MultiheadAttention(32, 4, batch_first=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.inp(x)

@@ -5,11 +5,11 @@ import logging
 
 import pytest
 import torch
+from fixtures import ResCatNet
 from torch import nn
 
 import fxprune
 from fxprune.errors import FxPruneError, RecipeError
-from fixtures import ResCatNet
 from fxprune.testing import assert_masked_equals_shrunk
 from fxprune.work import count_work
 

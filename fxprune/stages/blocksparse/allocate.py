@@ -32,7 +32,7 @@ class LayerCurve:
     k_max: int
 
     @classmethod
-    def from_scores(cls, score: torch.Tensor, distortion: torch.Tensor, rate: float, max_sparsity: float) -> "LayerCurve":
+    def from_scores(cls, score: torch.Tensor, distortion: torch.Tensor, rate: float, max_sparsity: float) -> LayerCurve:
         flat_score = score.detach().double().reshape(-1).cpu().numpy()
         order = np.argsort(flat_score, kind="stable")
         cost = np.clip(distortion.detach().double().reshape(-1).cpu().numpy()[order], 0.0, None)
@@ -85,7 +85,8 @@ def allocate(curves: list[LayerCurve], target: float, *, iterations: int = 100) 
     ks = list(k_lo)
     if _saving(curves, ks) < target:
         ks = _fill(curves, ks, k_hi, target)
-    log.debug("blocksparse: slope %.4g removes %s blocks (saving %.4g of target %.4g)", hi, ks, _saving(curves, ks), target)
+    log.debug("blocksparse: slope %.4g removes %s blocks (saving %.4g of target %.4g)", hi, ks, _saving(curves, ks),
+              target)
     return ks, hi
 
 

@@ -11,8 +11,9 @@ The allocator (``allocate.py``) then spends one slope (cost per removed MAC / we
 from __future__ import annotations
 
 import difflib
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.fx as fx
@@ -34,7 +35,8 @@ class BlockCosts:
 class BlockCriterion(Protocol):
     name: str
 
-    def costs(self, gm: fx.GraphModule, layers: list[LinearLayer], ctx: ScoreContext, max_batches: int) -> list[BlockCosts]:
+    def costs(self, gm: fx.GraphModule, layers: list[LinearLayer], ctx: ScoreContext,
+              max_batches: int) -> list[BlockCosts]:
         """One ``BlockCosts`` per layer, in the order of ``layers``."""
 
 
@@ -77,7 +79,8 @@ def block_sq_norms(layer: LinearLayer) -> torch.Tensor:
 class L2BlockCriterion:
     """Squared block norm, as both score and distortion (global magnitude pruning of blocks; data-free)."""
 
-    def costs(self, gm: fx.GraphModule, layers: list[LinearLayer], ctx: ScoreContext, max_batches: int) -> list[BlockCosts]:
+    def costs(self, gm: fx.GraphModule, layers: list[LinearLayer], ctx: ScoreContext,
+              max_batches: int) -> list[BlockCosts]:
         out = []
         for layer in layers:
             sq = block_sq_norms(layer)
@@ -94,7 +97,8 @@ class DIMAPBlockCriterion:
     score is already a normalised distortion, comparable across layers, so it is also the block's cost.
     """
 
-    def costs(self, gm: fx.GraphModule, layers: list[LinearLayer], ctx: ScoreContext, max_batches: int) -> list[BlockCosts]:
+    def costs(self, gm: fx.GraphModule, layers: list[LinearLayer], ctx: ScoreContext,
+              max_batches: int) -> list[BlockCosts]:
         out = []
         for layer in layers:
             score = lamp_scores(block_sq_norms(layer).sqrt()).double()

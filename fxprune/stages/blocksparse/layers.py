@@ -82,7 +82,8 @@ def output_layers(gm: fx.GraphModule) -> set[str]:
     return found
 
 
-def select_layers(gm: fx.GraphModule, block: tuple[int, int], modules: list[str], ignore: list[str]) -> list[LinearLayer]:
+def select_layers(gm: fx.GraphModule, block: tuple[int, int], modules: list[str],
+                  ignore: list[str]) -> list[LinearLayer]:
     """The layers to prune, in graph order. Raises ``RecipeError`` naming the module when an explicitly chosen
     layer is not tiled by ``block``, or when a ``modules`` pattern matches no linear layer."""
     calls: dict[str, list[fx.Node]] = {}

@@ -20,17 +20,18 @@ Our reading (not fixed by the paper):
 from __future__ import annotations
 
 import logging
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 import torch.fx as fx
 
-from .criteria import BlockCosts, blocks_of, register_block_criterion
-from .layers import LinearLayer
-from ...errors import FxPruneError
-from ...outputs import tensors_of
 from ...criteria.base import ScoreContext
 from ...criteria.taylor import split_batch
+from ...errors import FxPruneError
+from ...outputs import tensors_of
+from .criteria import BlockCosts, blocks_of, register_block_criterion
+from .layers import LinearLayer
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +101,8 @@ def energy_gradients(gm: fx.GraphModule, layers: list[LinearLayer], ctx: ScoreCo
 class LPViTBlockCriterion:
     """Score = block mean of ``|W * g|``; distortion = ``sum((W * g)^2) + 1/2 sum((F + 1e-7) W^2)`` over the block."""
 
-    def costs(self, gm: fx.GraphModule, layers: list[LinearLayer], ctx: ScoreContext, max_batches: int) -> list[BlockCosts]:
+    def costs(self, gm: fx.GraphModule, layers: list[LinearLayer], ctx: ScoreContext,
+              max_batches: int) -> list[BlockCosts]:
         grads, fisher = energy_gradients(gm, layers, ctx, max_batches)
         out = []
         for layer, g, f in zip(layers, grads, fisher):

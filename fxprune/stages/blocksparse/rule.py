@@ -9,10 +9,10 @@ import math
 
 import torch.fx as fx
 
+from ...ir.context import SizeContext
 from ...ir.coupling import Coupling
 from ...nn.blocksparse_linear import BlockSparseLinear
 from ...ops.registry import OpRule, register_op
-from ...ir.context import SizeContext
 
 
 @register_op(BlockSparseLinear)

@@ -12,7 +12,8 @@ applies it through ``replay_blocksparse``, the same registered function ``fxprun
 from __future__ import annotations
 
 import logging
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -20,10 +21,10 @@ from torch import nn
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from ...errors import ExampleInputsError, PlanError, RewriteError
-from ...nn.blocksparse_linear import BlockSparseLinear
 from ...ir.spec import spec_of
-from ...trace import record_shapes
+from ...nn.blocksparse_linear import BlockSparseLinear
 from ...passes.replay import register_rewrite
+from ...trace import record_shapes
 
 log = logging.getLogger(__name__)
 
@@ -57,11 +58,13 @@ def _check_layer(gm: fx.GraphModule, path: str, spec: Any) -> None:
                         f"model has {shape}")
     bn, bk = spec["block"]
     if bn < 1 or bk < 1 or shape[0] % bn or shape[1] % bk:
-        raise PlanError(f"blocksparse entry: block {bn}x{bk} does not tile module '{path}' (weight {shape[0]}x{shape[1]})")
+        raise PlanError(f"blocksparse entry: block {bn}x{bk} does not tile module '{path}' "
+                        f"(weight {shape[0]}x{shape[1]})")
     kept = spec["kept"]
     n_cols = shape[1] // bk
     if not isinstance(kept, list) or len(kept) != shape[0] // bn:
-        raise PlanError(f"blocksparse entry of '{path}' must list kept columns for each of its {shape[0] // bn} block rows")
+        raise PlanError(f"blocksparse entry of '{path}' must list kept columns for each of its {shape[0] // bn} "
+                        f"block rows")
     for r, cols in enumerate(kept):
         if not isinstance(cols, list) or any(not isinstance(c, int) or not 0 <= c < n_cols for c in cols) \
                 or any(b <= a for a, b in zip(cols, cols[1:])):
@@ -85,7 +88,8 @@ class SwapBlockSparse(PassBase):
     def requires(self, gm: fx.GraphModule) -> None:
         layers = self.entry.get("layers")
         if self.entry.get("pass") != PASS_NAME or not isinstance(layers, dict):
-            raise PlanError(f"not a blocksparse plan entry (needs 'pass': 'blocksparse' and 'layers'): {self.entry!r}"[:300])
+            raise PlanError(f"not a blocksparse plan entry (needs 'pass': 'blocksparse' and 'layers'): "
+                            f"{self.entry!r}"[:300])
         for path, spec in layers.items():
             _check_layer(gm, path, spec)
 
@@ -111,7 +115,8 @@ class SwapBlockSparse(PassBase):
         try:
             record_shapes(gm, self.example_inputs)
         except ExampleInputsError as exc:
-            raise RewriteError(f"the block-sparse graph no longer runs (please report this with the model): {exc}") from exc
+            raise RewriteError(f"the block-sparse graph no longer runs (please report this with the model): "
+                               f"{exc}") from exc
         for node in gm.graph.nodes:
             if node.name in self.before and spec_of(node) != self.before[node.name]:
                 raise RewriteError(f"after the blocksparse swap, {node.format_node()} produces {spec_of(node)}, "

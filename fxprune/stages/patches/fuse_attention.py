@@ -13,7 +13,6 @@ It applies to timm-style attention: qkv ``Linear`` -> ``reshape(B, N, 3, H, D)``
 from __future__ import annotations
 
 import operator
-from typing import Optional
 
 import torch
 import torch.fx as fx
@@ -27,7 +26,7 @@ from ...trace import register_autowrap_function
 _SDPA = (F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention)
 
 
-def gathered_attention_heads_first(qkv: torch.Tensor, idx: torch.Tensor, scale: Optional[float]) -> torch.Tensor:
+def gathered_attention_heads_first(qkv: torch.Tensor, idx: torch.Tensor, scale: float | None) -> torch.Tensor:
     """``fxprune::gathered_attention`` as SDPA lays its result out: ``[B, N, 3, H, D]`` -> ``[B, H, K, D]``."""
     from fxprune.kernels.gathered_attention import gathered_attention
 
@@ -37,7 +36,7 @@ def gathered_attention_heads_first(qkv: torch.Tensor, idx: torch.Tensor, scale: 
 register_autowrap_function(gathered_attention_heads_first)  # one node when a pruned model is traced again
 
 
-def _only_user(node: fx.Node) -> Optional[fx.Node]:
+def _only_user(node: fx.Node) -> fx.Node | None:
     return next(iter(node.users)) if len(node.users) == 1 else None
 
 

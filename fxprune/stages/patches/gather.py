@@ -16,22 +16,31 @@ from __future__ import annotations
 
 import logging
 import operator
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.fx as fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from ...errors import ExampleInputsError, PlanError, RewriteError
-from .locate import (MAX_PREFIX, MlpRegion, TokenSite, check_token_site, downstream, find_mlp_regions,
-                              find_patch_grid, find_region, find_token_site)
-from .fuse_attention import fuse_first_attention
-from .proposal import build_proposal, proposal_feature_shape
-from .select import (PatchSignificance, gather_positions, gather_tokens, keep_count, scatter_positions,
-                              select_tokens)
 from ...ir.spec import TensorSpec, spec_of
-from ...trace import record_shapes
 from ...passes.replay import register_rewrite
+from ...trace import record_shapes
+from .fuse_attention import fuse_first_attention
+from .locate import (
+    MAX_PREFIX,
+    MlpRegion,
+    TokenSite,
+    check_token_site,
+    downstream,
+    find_mlp_regions,
+    find_patch_grid,
+    find_region,
+    find_token_site,
+)
+from .proposal import build_proposal, proposal_feature_shape
+from .select import PatchSignificance, gather_positions, gather_tokens, keep_count, scatter_positions, select_tokens
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +139,8 @@ class GatherPatches(PassBase):
             ``pos_embed``, ``mlp`` or a node name), or, from a plan, the resolved ``"mode"`` and ``"node"`` /
             ``"regions"`` (then nothing is searched for again).
         example_inputs: the inputs whose shapes were recorded; ``ensures`` re-runs them.
-        weights: where the proposal's weights come from (``fxprune.stages.patches.build_proposal``); not part of the entry.
+        weights: where the proposal's weights come from (``fxprune.stages.patches.build_proposal``); not part of
+            the entry.
 
     After ``__call__``, ``self.entry`` is the resolved, JSON-able plan entry.
     """

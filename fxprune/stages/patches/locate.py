@@ -12,8 +12,8 @@
 from __future__ import annotations
 
 import operator
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional
 
 import torch
 import torch.fx as fx
@@ -63,12 +63,12 @@ class MlpRegion:
     flat: bool = False
 
 
-def _shape(node: object) -> Optional[tuple[int, ...]]:
+def _shape(node: object) -> tuple[int, ...] | None:
     spec = spec_of(node)
     return tuple(spec.shape) if isinstance(spec, TensorSpec) else None
 
 
-def _module(gm: fx.GraphModule, node: fx.Node) -> Optional[nn.Module]:
+def _module(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
     return gm.get_submodule(node.target) if node.op == "call_module" else None
 
 
@@ -77,7 +77,7 @@ def find_patch_grid(gm: fx.GraphModule) -> PatchGrid:
     a hybrid embedding (a CNN stem, as in timm's ``vit_*_r50_*``): the last ``Conv2d`` before the first ``(B, N, D)``
     tensor whose ``(B, D, h, w)`` output is those ``N = h * w`` tokens."""
     inputs = {n for n in gm.graph.nodes if n.op == "placeholder"}
-    last_conv: Optional[tuple[fx.Node, tuple[int, ...]]] = None
+    last_conv: tuple[fx.Node, tuple[int, ...]] | None = None
     for node in gm.graph.nodes:
         m, shape = _module(gm, node), _shape(node)
         if isinstance(m, nn.Conv2d) and shape is not None and len(shape) == 4:
@@ -164,14 +164,14 @@ def _is_pointwise(gm: fx.GraphModule, node: fx.Node) -> bool:
     return node.op == "call_function" and node.target in _POINTWISE_FUNCTIONS
 
 
-def _only_user(node: fx.Node) -> Optional[fx.Node]:
+def _only_user(node: fx.Node) -> fx.Node | None:
     return next(iter(node.users)) if len(node.users) == 1 else None
 
 
 _FLATTENS = {"reshape", "view", "flatten"}
 
 
-def _grid_of(node: fx.Node) -> Optional[tuple[int, int]]:
+def _grid_of(node: fx.Node) -> tuple[int, int] | None:
     """``(H, W)`` of a channels-last ``(B, H, W, C)`` map, or of a ``(B, H * W, C)`` reshape of one."""
     shape = _shape(node)
     if shape is not None and len(shape) == 4:
@@ -192,7 +192,7 @@ def _same_positions(node: fx.Node, grid: tuple[int, int], flat: bool) -> bool:
     return (len(shape) == 3 and shape[1] == grid[0] * grid[1]) if flat else (len(shape) == 4 and shape[1:3] == grid)
 
 
-def _mlp_from(gm: fx.GraphModule, fc1: fx.Node) -> Optional[MlpRegion]:
+def _mlp_from(gm: fx.GraphModule, fc1: fx.Node) -> MlpRegion | None:
     """The MLP starting at the linear ``fc1`` (with the LayerNorm in front of it, if it feeds only ``fc1``)."""
     first = fc1
     pre = fc1.args[0] if fc1.args and isinstance(fc1.args[0], fx.Node) else None

@@ -24,8 +24,8 @@ from __future__ import annotations
 import copy
 import difflib
 import logging
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Union
 
 import torch
 from torch import nn
@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_PROPOSAL = "torchvision:mobilenet_v3_small"
 TORCHVISION_PREFIX = "torchvision:"
-ProposalSource = Union[nn.Module, Callable[[], nn.Module]]
+ProposalSource = nn.Module | Callable[[], nn.Module]
 _PROPOSALS: dict[str, ProposalSource] = {}
 
 

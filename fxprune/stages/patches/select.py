@@ -29,7 +29,7 @@ class PatchSignificance(nn.Module):
         self.proposal = proposal.eval().requires_grad_(False)
         self.proposal_name = name
 
-    def train(self, mode: bool = True) -> "PatchSignificance":
+    def train(self, mode: bool = True) -> PatchSignificance:
         super().train(mode)
         self.proposal.eval()  # selection never uses batch statistics or dropout
         return self

@@ -75,6 +75,9 @@ class PatchStage(Stage):
         if self.attention not in ATTENTION:
             raise RecipeError(f"{path}.attention", f"must be one of {', '.join(ATTENTION)}, got {self.attention!r}")
 
+    def summary(self) -> str:
+        return f"{self.kind} keep={float(self.keep):g}"
+
     def normalized(self) -> PatchStage:
         return dataclasses.replace(self, keep=float(self.keep))
 

@@ -9,11 +9,11 @@ import torch
 from torch import nn
 
 import fxprune
+from fxprune.criteria.base import ScoreContext
+from fxprune.errors import BudgetError
 from fxprune.stages.blocksparse.allocate import LayerCurve, allocate, keep_mask
 from fxprune.stages.blocksparse.criteria import get_block_criterion
 from fxprune.stages.blocksparse.layers import select_layers
-from fxprune.criteria.base import ScoreContext
-from fxprune.errors import BudgetError
 
 
 class OneLinear(nn.Module):
@@ -34,14 +34,16 @@ def _traced(model: nn.Module, x: torch.Tensor):
 def _toy():
     model = OneLinear().eval()
     with torch.no_grad():
-        model.lin.weight.copy_(torch.tensor([[1., -2., 0., 3.], [0.5, 1., -1., 2.], [2., 0., 1., -1.], [-3., 1., 2., 0.]]))
+        model.lin.weight.copy_(torch.tensor([[1., -2., 0., 3.], [0.5, 1., -1., 2.], [2., 0., 1., -1.],
+                                             [-3., 1., 2., 0.]]))
         model.lin.bias.copy_(torch.tensor([0.1, -0.2, 0.3, 0.0]))
     return model
 
 
 def test_lpvit_scores_and_distortions_by_hand() -> None:
     model = _toy()
-    batches = [torch.tensor([[1., 0., 2., -1.], [0., 1., 1., 1.]]), torch.tensor([[2., 1., 0., 0.5], [-1., 0., 1., 2.]])]
+    batches = [torch.tensor([[1., 0., 2., -1.], [0., 1., 1., 1.]]),
+               torch.tensor([[2., 1., 0., 0.5], [-1., 0., 1., 2.]])]
     gm = _traced(model, batches[0])
     layers = select_layers(gm, (2, 2), ["lin"], [])
     (costs,) = get_block_criterion("lpvit").costs(gm, layers, ScoreContext(data=batches), 8)

@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 import fxprune
-from fxprune.stages.blocksparse import BlockSparseStage
 from fxprune.errors import BudgetError, PlanError, RecipeError
+from fxprune.stages.blocksparse import BlockSparseStage
 from fxprune.stages.blocksparse.swap import replay_blocksparse
 
 

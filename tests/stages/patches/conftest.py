@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from papr_reference import TinyProposal
 from torch import nn
 
 import fxprune
-from papr_reference import TinyProposal
 
 
 @pytest.fixture(scope="session")

@@ -6,12 +6,11 @@ import pytest
 import timm
 import torch
 import torchvision
+from papr_reference import reference_token_indices, take
 from torch import nn
 
 import fxprune
 from fxprune import PlanError, RecipeError
-
-from papr_reference import reference_token_indices, take
 
 
 def _deit() -> nn.Module:

@@ -10,13 +10,12 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
+from papr_reference import reference_order
 from torch import nn
 from torchvision.models.convnext import CNBlockConfig, ConvNeXt
 from torchvision.models.swin_transformer import PatchMergingV2, SwinTransformer, SwinTransformerBlockV2
 
 import fxprune
-
-from papr_reference import reference_order
 
 
 def _swin() -> tuple[nn.Module, list[nn.Module]]:

@@ -9,13 +9,12 @@ import pytest
 import timm
 import torch
 import torchvision
+from papr_reference import reference_token_indices, take
 from torch import nn
 
 import fxprune
 from fxprune.stages.patches.gather import SUBMODULE
-
 from fxprune.testing import assert_compiles
-from papr_reference import reference_token_indices, take
 
 GRID = (4, 4)  # 32x32 images, 8x8 patches
 

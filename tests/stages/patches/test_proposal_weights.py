@@ -11,15 +11,15 @@ import json
 import pytest
 import torch
 import torchvision
+from papr_reference import reference_token_indices
 from safetensors.torch import save_file
 from torch import nn
 
 import fxprune
 from fxprune import RecipeError
-from fxprune.stages.patches.gather import SUBMODULE
 from fxprune.stages.patches import PatchStage, register_proposal
+from fxprune.stages.patches.gather import SUBMODULE
 from fxprune.testing import state_digest
-from papr_reference import reference_token_indices
 
 MOBILENET = "torchvision:mobilenet_v3_small"
 
@@ -94,7 +94,8 @@ def test_registered_proposal_takes_a_checkpoint_file(tmp_path, tiny_proposal: nn
                                                mlp_dim=32, num_classes=4).eval()
     pruned = fxprune.compile(vit, _recipe(proposal="tests:tiny", proposal_weights=str(path)), example_inputs=x)
     _assert_same_state(pruned.get_submodule(SUBMODULE).proposal, other)
-    _assert_same_state(tiny_proposal, fxprune.stages.patches.build_proposal("tests:tiny"))  # the registered one untouched
+    # the registered one untouched
+    _assert_same_state(tiny_proposal, fxprune.stages.patches.build_proposal("tests:tiny"))
 
 
 def test_save_and_load_need_neither_the_file_nor_the_network(tmp_path) -> None:

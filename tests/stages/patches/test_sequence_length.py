@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import timm
 import torch
+from papr_reference import reference_token_indices, take
 from torch import nn
 
 import fxprune
-from papr_reference import reference_token_indices, take
 
 
 def _siglip() -> nn.Module:
