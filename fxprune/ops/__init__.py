@@ -1,5 +1,5 @@
 """Op rules, one module per op family. Importing this package registers them all."""
-from . import (  # noqa: F401  (registration)  # noqa: F401  (registration: sdpa, matmul, head reshapes, MHA)  # noqa: F401  (registration: torchvision MaxViT and Swin attention)
+from . import (  # noqa: F401  (importing a rule module registers its rules)
     attention,
     attention_mha,
     concat,

@@ -13,17 +13,16 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 import torch.fx as fx
 from torch import nn
 
-if TYPE_CHECKING:
-    from ..ir.context import RewriteContext, SizeContext
-    from ..ir.coupling import Coupling
-    from ..ir.space import Port, Space
+from ..ir.context import RewriteContext, SizeContext
+from ..ir.coupling import Coupling
+from ..ir.space import Port, Space
 
 log = logging.getLogger(__name__)
 
