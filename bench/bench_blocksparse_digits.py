@@ -15,9 +15,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import fxprune  # noqa: E402
-from digits import DigitsViT, accuracy, digits, finetuned, train  # noqa: E402
-from fxprune.work import count_model  # noqa: E402
+from digits import DigitsViT, accuracy, digits, finetuned, train
+
+import fxprune
+from fxprune.work import count_model
 
 CRITERIA = ("lpvit", "dimap", "l2")
 SPARSITIES = (0.5, 0.75, 0.9)

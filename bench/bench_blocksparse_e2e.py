@@ -30,7 +30,7 @@ from fxprune.nn import BlockSparseLinear
 from fxprune.work import count_work
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from timing import interleaved_ms  # noqa: E402
+from timing import interleaved_ms
 
 MODEL = "deit_tiny_patch16_224"
 BATCHES = (1, 8)
@@ -60,7 +60,8 @@ def measure(model: torch.nn.Module, pruned: torch.nn.Module, batch: int, sparsit
     with torch.inference_mode():
         torch.testing.assert_close(pruned(x[:1]), pruned(x[:1]))
     # every linear layer the stage could prune: all but the head (dense or block-sparse now)
-    paths = [n for n, m in pruned.named_modules() if isinstance(m, (torch.nn.Linear, BlockSparseLinear)) and n != "head"]
+    paths = [n for n, m in pruned.named_modules()
+             if isinstance(m, (torch.nn.Linear, BlockSparseLinear)) and n != "head"]
     calls = {"dense": lambda: model(x), "sparse": lambda: pruned(x)}
     t = {k: statistics.median(v) for k, v in interleaved_ms(calls, ROUNDS.get(batch, 5)).items()}
     dense_ms, sparse_ms = t["dense"], t["sparse"]

@@ -22,10 +22,11 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import fxprune  # noqa: E402
-from digits import DigitsCNN, DigitsViT, Split, accuracy, calibration, digits, finetuned, train  # noqa: E402
-from fxprune.errors import BudgetError  # noqa: E402
-from fxprune.work import count_model  # noqa: E402
+from digits import DigitsCNN, DigitsViT, Split, accuracy, calibration, digits, finetuned, train
+
+import fxprune
+from fxprune.errors import BudgetError
+from fxprune.work import count_model
 
 log = logging.getLogger("bench.digits")
 
@@ -102,7 +103,8 @@ def iterative_study(model: torch.nn.Module, tr: Split, va: Split, te: Split) -> 
     red = 1 - macs(pruned, x) / base_macs
     it_acc = accuracy(pruned, te)
     epochs = epochs_per_step * len(steps)
-    oneshot = fxprune.compile(model, {"stages": [{"target": {"flops": round(red, 4)}, "criterion": "l2"}]}, example_inputs=x)
+    oneshot = fxprune.compile(model, {"stages": [{"target": {"flops": round(red, 4)}, "criterion": "l2"}]},
+                              example_inputs=x)
     os_red = 1 - macs(oneshot, x) / base_macs
     os_raw = accuracy(oneshot, te)
     os_acc = accuracy(finetuned(oneshot, tr, epochs, FT_LR), te)

@@ -34,7 +34,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -42,7 +42,7 @@ import torch.nn.functional as F
 
 from fxprune.kernels.gathered_attention import gathered_attention, gathered_attention_reference
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 N_TOKENS, HEADS, HEAD_DIM = 197, 12, 64  # ViT-B/16 at 224x224
 KEEP_RATIOS = (1.0, 0.7, 0.5, 0.3)
@@ -140,8 +140,8 @@ def test_gathered_attention(benchmark, cpu_threads, device: str, provider: str, 
         benchmark.extra_info.update(reference_ms=ref_ms, ratio_vs_reference=ms / ref_ms)
         ref = gathered_attention_reference(qkv.float(), idx)
         torch.testing.assert_close(out.float(), ref, atol=3e-2, rtol=2e-2)
-    logger.info("gathered_attention %s/%s z=%.1f B=%d: %.3f ms (%.2fx full)",
-                device, provider, z, batch, ms, ms / full_ms)
+    log.info("gathered_attention %s/%s z=%.1f B=%d: %.3f ms (%.2fx full)",
+             device, provider, z, batch, ms, ms / full_ms)
 
     if device == "cuda":
         def run() -> None:

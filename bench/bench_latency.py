@@ -21,7 +21,7 @@ import fxprune
 from fxprune.work import count_work
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from timing import median_ms  # noqa: E402
+from timing import median_ms
 
 CASES = [("resnet50", 224, "channels"), ("vit_b_16", 224, "mlp"), ("vit_b_16", 224, "heads+mlp"),
          ("vit_b_16", 224, "channels")]
@@ -54,7 +54,7 @@ def test_latency_at_half_flops(benchmark, name: str, size: int, recipe: str, bat
     pruned = prune_half_flops(model, x[:1], recipe)
     runs = 5 if batch == 1 else 3
     dense = median_ms(model, x, runs)
-    fast = benchmark.pedantic(_median_ms, args=(pruned, x, runs), rounds=1, iterations=1)
+    fast = benchmark.pedantic(median_ms, args=(pruned, x, runs), rounds=1, iterations=1)
     mac_ratio = _macs(model, x[:1]) / _macs(pruned, x[:1])
     speedup = dense / fast
     benchmark.extra_info.update({"dense_ms": dense, "pruned_ms": fast, "speedup": speedup, "macs_ratio": mac_ratio,

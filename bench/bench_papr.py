@@ -23,7 +23,7 @@ import fxprune
 from fxprune.work import count_work
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from timing import interleaved_ms  # noqa: E402
+from timing import interleaved_ms
 
 log = logging.getLogger(__name__)
 PROPOSAL = "torchvision:mobilenet_v3_small"

@@ -37,7 +37,8 @@ def digits(seed: int = 0) -> tuple[Split, Split, Split]:
     return tuple(Split(x[i], y[i]) for i in (tr, va, te))  # type: ignore[return-value]
 
 
-def calibration(split: Split, per_class: int = 10, batch: int = 10, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def calibration(split: Split, per_class: int = 10, batch: int = 10,
+                seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """``per_class`` labeled samples of every class, shuffled, as ``(inputs, labels)`` batches."""
     g = np.random.default_rng(seed)
     idx = np.concatenate([g.choice(np.flatnonzero(split.y.numpy() == c), per_class, replace=False) for c in range(10)])

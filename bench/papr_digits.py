@@ -32,8 +32,9 @@ import torchvision
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import fxprune  # noqa: E402
-from digits import Split, accuracy, digits, train  # noqa: E402
+from digits import Split, accuracy, digits, train
+
+import fxprune
 
 log = logging.getLogger("papr_digits")
 CANVAS, DIGIT, PATCH = 32, 16, 8
@@ -112,8 +113,8 @@ def run(epochs_vit: int = 40, epochs_cnn: int = 8, random_seeds: int = 3) -> lis
     model = train_with_token_dropout(vit(), tr, epochs_vit, lr=1e-3)
     log.info("trained in %.0fs: ViT %.3f, proposal CNN %.3f test accuracy", time.perf_counter() - t0,
              accuracy(model, te), accuracy(cnn, te))
-    fxprune.patches.register_proposal("digits_cnn", cnn.features)
-    fxprune.patches.register_proposal("digits_random", RandomMap())
+    fxprune.stages.patches.register_proposal("digits_cnn", cnn.features)
+    fxprune.stages.patches.register_proposal("digits_random", RandomMap())
     rows = []
     for z in KEEPS:
         recipe = lambda name: {"stages": [{"kind": "patches", "keep": z, "proposal": name}]}  # noqa: E731

@@ -41,7 +41,8 @@ def check(name: str) -> tuple[str, str]:
         half(x)
     ratio = count_work(half, x[:1])["macs"] / count_work(model, x[:1])["macs"]
     e = half.fxprune_plan.rewrites[0]
-    detail = f"{size[0]}x{size[1]} | {e['mode']} at %{e.get('node')}, prefix {e.get('prefix')} | {error:.1e} | {ratio:.3f}"
+    detail = (f"{size[0]}x{size[1]} | {e['mode']} at %{e.get('node')}, prefix {e.get('prefix')} | {error:.1e} | "
+              f"{ratio:.3f}")
     return ("pass" if error <= 1e-5 else "keep=1 differs"), detail
 
 

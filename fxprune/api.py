@@ -3,45 +3,26 @@ from __future__ import annotations
 
 import copy
 import logging
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Union
+from typing import Any, cast
 
 import torch
 import torch.fx as fx
 from torch import nn
 
+from . import stages  # noqa: F401  (every stage kind registers itself on import)
 from .copies import shared_copy, unshare
-from .criteria import ScoreContext, get_criterion
-from .errors import ExampleInputsError, FxPruneError
-from .graph.dependency import analyze
-from .graph.space import Space
-from .passes.shrink_channels import ShrinkChannels
+from .criteria import ScoreContext
+from .errors import FxPruneError
+from .inputs import as_input_tuple
+from .ir.spec import spec_of
 from .plan import Plan
-from .planner import Planner
-from .recipe import ChannelStage, Recipe
-from .trace import record_shapes, spec_of, trace, unwrap
+from .recipe import Recipe
+from .submodule import SubmoduleScope
+from .trace import record_shapes, trace, unwrap
 
 log = logging.getLogger(__name__)
-_STAGE_RUNNERS: dict[type, Callable[..., Plan]] = {}
-
-
-def stage_runner(stage_cls: type) -> Callable:
-    """Register the function that applies one kind of stage: ``fn(gm, stage, ctx) -> Plan``."""
-
-    def deco(fn: Callable) -> Callable:
-        _STAGE_RUNNERS[stage_cls] = fn
-        return fn
-
-    return deco
-
-
-def as_input_tuple(example_inputs: Any) -> tuple:
-    """``example_inputs`` as a tuple: a tensor becomes a 1-tuple; anything else must be a tuple or list."""
-    if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs,)
-    if isinstance(example_inputs, (tuple, list)):
-        return tuple(example_inputs)
-    raise ExampleInputsError(f"example_inputs must be a tensor or a tuple of inputs, got {type(example_inputs).__name__}")
 
 
 def unwrap_model(model: Any) -> nn.Module:
@@ -62,67 +43,18 @@ def unwrap_model(model: Any) -> nn.Module:
 def _check_model(model: Any) -> None:
     meta = [n for n, p in model.named_parameters() if p.is_meta]
     if meta:
-        raise FxPruneError(f"parameter '{meta[0]}' is on the meta device: load real weights before pruning (criteria read weights)")
-    bad = [n for n, p in model.named_parameters() if p.numel() and not torch.isfinite(p.detach().sum()) and not torch.isfinite(p).all()]
+        raise FxPruneError(f"parameter '{meta[0]}' is on the meta device: load real weights before pruning "
+                           f"(criteria read weights)")
+    bad = [n for n, p in model.named_parameters()
+           if p.numel() and not torch.isfinite(p.detach().sum()) and not torch.isfinite(p).all()]
     if bad:
-        raise FxPruneError(f"parameter '{bad[0]}' holds NaN or Inf values: criteria cannot rank channels of a broken model")
+        raise FxPruneError(f"parameter '{bad[0]}' holds NaN or Inf values: criteria cannot rank channels of a "
+                           f"broken model")
 
 
-def _removed_before(a, plan: Plan) -> dict[int, int]:
-    """Per group of ``a``, how many units earlier steps (``plan``) removed, from a parameter axis' shrinkage."""
-    done: dict[int, int] = {}
-    for key, kept in plan.kept.items():
-        space = Space.parse(key)
-        i = a.index.get(space)
-        if i is None or not space.is_param:
-            continue
-        g = int(a.space_group[i])
-        n_units = int((a.unit_group == g).sum())
-        done.setdefault(g, round(n_units * plan.sizes[key] / len(kept)) - n_units)
-    return done
-
-
-@stage_runner(ChannelStage)
-def run_channel_stage(gm: fx.GraphModule, stage: ChannelStage, ctx: ScoreContext, inputs: tuple,
-                      planner_cls: type[Planner] = Planner) -> Plan:
-    """Prune channels in ``stage.steps`` steps; returns the composed plan (original indices).
-
-    ``planner_cls`` picks the groups and units (e.g. ``heads.HeadPlanner`` plans attention heads only).
-    """
-    criterion = get_criterion(stage.criterion)
-    plan = Plan()
-    base = None
-    for step in range(1, stage.steps + 1):
-        options = getattr(stage, "analysis_options", {})
-        a = analyze(gm, stage.ignore, options)
-        planner = planner_cls(a, criterion.score(a, ctx), stage, _removed_before(a, plan),
-                          normalize=not getattr(criterion, "comparable_across_groups", False))
-        if base is None:
-            base = {"macs": planner.counter.base_macs, "params": planner.counter.total_params}
-        goal = stage.target_value * step / stage.steps
-        kind = stage.target_kind
-        if kind == "sparsity" and stage.scope == "local":
-            rel = goal  # local fractions count the units earlier steps removed
-        elif kind == "sparsity":
-            done = stage.target_value * (step - 1) / stage.steps
-            rel = 1 - (1 - goal) / (1 - done)
-        else:
-            metric = "macs" if kind == "flops" else "params"
-            now = planner.counter.base_macs if metric == "macs" else planner.counter.total_params
-            rel = max(0.0, 1 - (1 - goal) * base[metric] / now) if now else 0.0
-        removed = planner.solve(kind, rel)
-        step_plan = planner.plan(removed)
-        step_plan.stats = {**planner.counter.count(planner.new_sizes(removed)), "step": step}
-        step_plan.options = dict(options)
-        log.info("stage %s step %d/%d: %d units removed", stage.kind, step, stage.steps, len(removed))
-        ShrinkChannels(step_plan, inputs, a)(gm)
-        plan = plan.compose(step_plan)
-    return plan
-
-
-def compile(  # noqa: A001  (the name users expect)
+def compile(
     model: nn.Module,
-    recipe: Union[Recipe, dict, str, Path],
+    recipe: Recipe | dict | str | Path,
     *,
     example_inputs: Any,
     data: Any = None,
@@ -147,8 +79,8 @@ def compile(  # noqa: A001  (the name users expect)
 
     Returns:
         A ``torch.fx.GraphModule`` whose output shapes equal the model's (compiled when ``backend`` is set). With a
-        recipe ``submodule`` (partial tracing, ``fxprune.partial``): the whole model, an ``nn.Module``, in which only
-        that submodule was replaced by its pruned ``GraphModule``.
+        recipe ``submodule`` (``fxprune.submodule``): the whole model, an ``nn.Module``, in which only that
+        submodule was replaced by its pruned ``GraphModule``.
 
     Example:
         >>> pruned = fxprune.compile(torchvision.models.resnet18(), {"stages": [{"target": {"flops": 0.5}}]},
@@ -158,11 +90,11 @@ def compile(  # noqa: A001  (the name users expect)
     model = unwrap_model(model)
     _check_model(model)
     inputs = as_input_tuple(example_inputs)
-    if recipe.submodule:  # partial tracing: prune one traceable submodule, return the whole model
-        from .partial import compile_submodule
-
-        return compile_submodule(model, recipe, inputs, data=data, evaluate=evaluate, finetune=finetune,
-                                 backend=backend)
+    if recipe.submodule:  # prune one traceable submodule, return the whole model
+        scope = SubmoduleScope.capture(model, recipe.submodule, inputs)
+        sub = prune_graph(scope.submodule, recipe, scope.inputs, data=scope.calibration_data(data),
+                          evaluate=scope.whole_model_callback(evaluate), finetune=scope.whole_model_callback(finetune))
+        return scope.finish(sub, recipe, backend=backend)
     # User callbacks may train or run the working model in train mode: they get a private deep copy. Otherwise the
     # copy aliases the model's weights until they are shrunk (half the peak memory on big models).
     work = copy.deepcopy(model) if evaluate is not None or finetune is not None else shared_copy(model)
@@ -170,8 +102,9 @@ def compile(  # noqa: A001  (the name users expect)
     unshare(gm, model)
     gm.train(model.training)
     if backend is not None:
-        compiled = torch.compile(gm, backend=backend, fullgraph=True)
-        compiled.fxprune_plan, compiled.fxprune_recipe = gm.fxprune_plan, recipe
+        plan = cast(Plan, gm.fxprune_plan)
+        compiled = cast(nn.Module, torch.compile(gm, backend=backend, fullgraph=True))
+        attach_result(compiled, plan, recipe)
         return compiled
     return gm
 
@@ -188,24 +121,27 @@ def prune_graph(module: nn.Module, recipe: Recipe, inputs: tuple, *, data: Any =
     record_shapes(gm, inputs)
     before = output_spec(gm)
     plan = Plan()
-    for i, stage in enumerate(recipe.stages):
-        runner = _STAGE_RUNNERS.get(type(stage))
-        if runner is None:
-            raise FxPruneError(f"stage kind '{stage.kind}' (stages[{i}]) is not implemented")
-        ctx = ScoreContext(seed=getattr(stage, "seed", 0), data=data, example_inputs=inputs, evaluate=evaluate,
-                           finetune=finetune)
-        plan = plan.compose(runner(gm, stage, ctx, inputs))
+    for stage in recipe.stages:
+        ctx = ScoreContext(data=data, example_inputs=inputs, evaluate=evaluate, finetune=finetune)
+        plan = plan.compose(stage.run(gm, ctx))
     after = output_spec(gm)
     if before != after:
         raise FxPruneError(f"internal error: output shapes changed from {before} to {after}")
-    gm.fxprune_plan = plan
-    gm.fxprune_recipe = recipe
+    attach_result(gm, plan, recipe)
     return gm
 
 
+def attach_result(module: nn.Module, plan: Plan, recipe: Recipe) -> None:
+    """Record ``plan`` and ``recipe`` on a pruned result as ``fxprune_plan`` / ``fxprune_recipe``."""
+    # setattr: nn.Module's typed __setattr__ names only tensors and modules, these are plain attributes
+    setattr(module, "fxprune_plan", plan)
+    setattr(module, "fxprune_recipe", recipe)
+
+
 def output_spec(gm: fx.GraphModule) -> Any:
+    """The recorded specs of the graph output's tensors."""
     out = next(n for n in gm.graph.nodes if n.op == "output")
     return [spec_of(a) for a in out.all_input_nodes]
 
 
-__all__ = ["compile", "prune_graph", "stage_runner", "run_channel_stage"]
+__all__ = ["compile", "prune_graph", "attach_result", "as_input_tuple", "unwrap_model"]

@@ -16,7 +16,8 @@ import statistics
 import sys
 import time
 import traceback
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -65,7 +66,8 @@ def target_spec(text: str) -> dict[str, float]:
     """``flops=0.5``, ``params=0.3`` or ``sparsity=0.5``: the fraction removed."""
     kind, sep, value = text.partition("=")
     if not sep or kind not in TARGETS:
-        raise argparse.ArgumentTypeError(f"'{text}' is not a target: use one of {', '.join(k + '=<fraction>' for k in TARGETS)}")
+        choices = ", ".join(k + "=<fraction>" for k in TARGETS)
+        raise argparse.ArgumentTypeError(f"'{text}' is not a target: use one of {choices}")
     try:
         fraction = float(value)
     except ValueError:
@@ -88,8 +90,10 @@ def positive_int(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fxprune", description="Prune channels of PyTorch vision models.")
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--runs", type=positive_int, default=10, help="timed runs per latency figure (median; default 10)")
-    common.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)")
+    common.add_argument("--runs", type=positive_int, default=10,
+                        help="timed runs per latency figure (median; default 10)")
+    common.add_argument("--threads", type=positive_int, default=None,
+                        help="torch CPU threads (default: torch's choice)")
     common.add_argument("--verbose", "-v", action="store_true", help="log progress and show tracebacks")
     sub = parser.add_subparsers(dest="command", metavar="{prune,demo}")
 
@@ -99,12 +103,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", type=model_spec, help="torchvision:<name> or timm:<name>")
     p.add_argument("--recipe", help="a YAML/JSON recipe file or inline YAML/JSON text "
                                     "(instead of --target/--criterion)")
-    p.add_argument("--target", type=target_spec, help="what to remove, e.g. flops=0.5 (default), params=0.3, sparsity=0.5")
+    p.add_argument("--target", type=target_spec,
+                   help="what to remove, e.g. flops=0.5 (default), params=0.3, sparsity=0.5")
     p.add_argument("--criterion", help="channel criterion (default l2); the CLI passes no calibration data, so use a "
                                        "data-free one: l1, l2, bn_scale, random")
     p.add_argument("--round-to", type=positive_int, help="keep a multiple of this many channels per group (default 1)")
     p.add_argument("--out", help="write the pruned model here (a safetensors file, conventionally *.fxp)")
-    p.add_argument("--input-size", type=positive_int, default=224, help="height = width of the example input (default 224)")
+    p.add_argument("--input-size", type=positive_int, default=224,
+                   help="height = width of the example input (default 224)")
     p.add_argument("--batch", type=positive_int, default=1, help="batch size of the example input (default 1)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights and input (default 0)")
     p.set_defaults(run=cmd_prune, parser=p)
@@ -124,7 +130,8 @@ def recipe_from_args(args: argparse.Namespace) -> Recipe:
         if args.target or args.criterion or args.round_to:
             raise RecipeError("<cli>", "give either --recipe or --target/--criterion/--round-to, not both")
         return Recipe.load(args.recipe)
-    stage: dict[str, Any] = {"kind": "channels", "target": args.target or {"flops": 0.5}, "criterion": args.criterion or "l2"}
+    stage: dict[str, Any] = {"kind": "channels", "target": args.target or {"flops": 0.5},
+                             "criterion": args.criterion or "l2"}
     if args.round_to:
         stage["round_to"] = args.round_to
     return Recipe.load({"stages": [stage]})
@@ -178,7 +185,8 @@ def table(rows: Sequence[tuple[str, str, str, str]]) -> str:
     return "\n".join([fmt(head), *map(fmt, rows)])
 
 
-def compare(before: nn.Module, after: nn.Module, inputs: tuple, runs: int) -> tuple[list[tuple[str, str, str, str]], "Report"]:
+def compare(before: nn.Module, after: nn.Module, inputs: tuple,
+            runs: int) -> tuple[list[tuple[str, str, str, str]], Report]:
     """Params, MACs and latency rows for the table, and the ``fxprune.Report``."""
     from .report import report
 
@@ -190,10 +198,11 @@ def compare(before: nn.Module, after: nn.Module, inputs: tuple, runs: int) -> tu
     return rows, rep
 
 
-def frozen_lines(rep: "Report") -> list[str]:
+def frozen_lines(rep: Report) -> list[str]:
     lines = [f"frozen groups: {len(rep.frozen)}"]
     for g in rep.frozen:
-        lines.append(f"  {', '.join(p.lstrip('@') for p in g['params'][:4]) or '(no parameters)'}: {'; '.join(g['reasons'][:2])}")
+        params = ", ".join(p.lstrip("@") for p in g["params"][:4]) or "(no parameters)"
+        lines.append(f"  {params}: {'; '.join(g['reasons'][:2])}")
     return lines
 
 
@@ -220,20 +229,8 @@ def cmd_prune(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     return 0
 
 
-def _describe_stage(stage: object) -> str:
-    """``channels flops=0.5 by l2``, ``patches keep=0.5``: the fields a stage kind has, in one line."""
-    parts = [stage.kind]
-    if hasattr(stage, "target_kind"):
-        parts.append(f"{stage.target_kind}={stage.target_value:g}")
-    if hasattr(stage, "keep"):
-        parts.append(f"keep={stage.keep:g}")
-    if getattr(stage, "criterion", None):
-        parts.append(f"by {stage.criterion}")
-    return " ".join(parts)
-
-
 def _describe(recipe: Recipe) -> str:
-    return "; ".join(_describe_stage(s) for s in recipe.stages)
+    return "; ".join(s.summary() for s in recipe.stages)
 
 
 def cmd_demo(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:

@@ -30,7 +30,8 @@ class DigitsNet(nn.Module):
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(1, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
         self.res = nn.Sequential(nn.Conv2d(width, 2 * width, 3, padding=1, bias=False), nn.BatchNorm2d(2 * width),
-                                 nn.ReLU(), nn.Conv2d(2 * width, width, 3, padding=1, bias=False), nn.BatchNorm2d(width))
+                                 nn.ReLU(), nn.Conv2d(2 * width, width, 3, padding=1, bias=False),
+                                 nn.BatchNorm2d(width))
         self.wide = nn.Sequential(nn.Conv2d(width, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
         self.narrow = nn.Sequential(nn.Conv2d(width, width // 2, 1, bias=False), nn.BatchNorm2d(width // 2), nn.ReLU())
         self.head = nn.Sequential(nn.Conv2d(width + width // 2, 2 * width, 3, padding=1, bias=False),

@@ -8,12 +8,11 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Union
 
 import numpy as np
 
 from .errors import PlanError
-from .graph.space import Space
+from .ir.space import Space
 
 PLAN_VERSION = 1
 
@@ -50,7 +49,7 @@ class Plan:
     def empty(self) -> bool:
         return not self.kept and not self.rewrites
 
-    def compose(self, later: "Plan") -> "Plan":
+    def compose(self, later: Plan) -> Plan:
         """The plan equal to applying ``self`` and then ``later`` (whose indices refer to ``self``'s result)."""
         kept = dict(self.kept)
         sizes = dict(self.sizes)
@@ -75,7 +74,7 @@ class Plan:
         return json.dumps(self.to_dict(), sort_keys=True)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "Plan":
+    def from_dict(cls, data: dict) -> Plan:
         if data.get("format") != "fxprune.plan":
             raise PlanError("not an fxprune plan (missing format 'fxprune.plan')")
         if data.get("version") != PLAN_VERSION:
@@ -85,12 +84,12 @@ class Plan:
                    [dict(r) for r in data.get("rewrites", [])], options=dict(data.get("options", {})))
 
     @classmethod
-    def from_json(cls, text: str) -> "Plan":
+    def from_json(cls, text: str) -> Plan:
         return cls.from_dict(json.loads(text))
 
-    def save(self, path: Union[str, Path]) -> None:
+    def save(self, path: str | Path) -> None:
         Path(path).write_text(self.to_json())
 
     @classmethod
-    def load(cls, path: Union[str, Path]) -> "Plan":
+    def load(cls, path: str | Path) -> Plan:
         return cls.from_json(Path(path).read_text())

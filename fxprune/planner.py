@@ -1,33 +1,56 @@
-"""Turn unit scores and a stage's budget into a ``Plan``.
+"""Turn unit scores and a pruning budget into a ``Plan``.
 
 Per group, units are ordered by score (lowest first) and taken greedily while every space keeps at least one
 slot and the group keeps ``1 - max_sparsity`` of its units. A budget picks how far down each order to go: the
 same fraction in every group (``local``), one threshold on group-normalized scores (``global``), or one
 threshold on raw scores per module family, the same fraction in every family (``module``, DIMAP arXiv 2404.13648;
-groups in no family are left alone). FLOPs and
-parameter budgets are met by bisection on that fraction, counting MACs and parameters at the shrunk sizes.
+groups in no family are left alone). FLOPs and parameter budgets are met by bisection on that fraction, counting
+MACs and parameters at the shrunk sizes.
 """
 from __future__ import annotations
 
 import fnmatch
 import logging
 import math
-from dataclasses import dataclass
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 
+from .analysis import Analysis
 from .errors import BudgetError
-from .graph.dependency import Analysis
-from .graph.space import Space
+from .ir.space import Space
 from .plan import Plan
-from .recipe import ChannelStage
 from .work import Counter
 
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class Budget:
+    """How a ``Planner`` ranks units and how far it may go.
+
+    Fields:
+        scope: ``local`` (the same fraction of every group), ``global`` (one ranking over mean-normalized scores)
+            or ``module`` (one ranking of raw scores per module family of ``modules``).
+        modules: family name -> glob patterns of module paths, for ``scope="module"``.
+        max_sparsity: at most this fraction of a group's units is removed.
+        round_to: kept units per group rounded up to a multiple of this.
+        round_units: ``round_to`` counts units (e.g. heads); by default it counts channels (a unit of a grouped conv
+            holds several).
+    """
+
+    scope: str = "local"
+    modules: Mapping[str, Sequence[str]] = field(default_factory=dict)
+    max_sparsity: float = 0.9
+    round_to: int = 1
+    round_units: bool = False
+
+
 @dataclass
-class _GroupOrder:
+class GroupOrder:
+    """The removal order of one group's units and what the budget allows of it."""
+
     group: int
     order: np.ndarray  # unit ids in removal order
     scores: np.ndarray  # normalized scores along the order
@@ -40,20 +63,21 @@ class _GroupOrder:
 class Planner:
     """Builds plans for one analysis and one set of scores."""
 
-    def __init__(self, analysis: Analysis, scores: np.ndarray, stage: ChannelStage, done: dict[int, int] | None = None,
-                 normalize: bool = True) -> None:
+    def __init__(self, analysis: Analysis, scores: np.ndarray, budget: Budget, done: dict[int, int] | None = None,
+                 normalize: bool = True, groups: Collection[int] | None = None) -> None:
         """``done[group]``: units earlier steps removed from a group; ``local`` fractions then count them.
         ``normalize=False``: the scores are already comparable across groups (``global`` uses them as they are).
+        ``groups``: plan only these groups (e.g. the attention-head groups); default every prunable group.
         """
         self.a = analysis
         self.normalize = normalize
-        self.stage = stage
+        self.budget = budget
         self.counts = analysis.unit_space_counts()
         self.counter = Counter(analysis)
-        self.orders = [self._order(g, scores) for g in analysis.prunable_groups()]
-        self.orders = [o for o in self.orders if len(o.order)]
+        wanted = [g for g in analysis.prunable_groups() if groups is None or g in groups]
+        self.orders = [o for o in (self._order(g, scores) for g in wanted) if len(o.order)]
         self.family: dict[int, str] = {}
-        if stage.scope == "module":
+        if budget.scope == "module":
             self.family = {o.group: f for o in self.orders if (f := self._family(o.group)) is not None}
             left = [o.group for o in self.orders if o.group not in self.family]
             if left:
@@ -71,18 +95,19 @@ class Planner:
         """The first family naming a layer that produces group ``g``'s channels, else one that reads them."""
         params = [self.a.spaces[i] for i in np.flatnonzero(self.a.space_group == g) if self.a.spaces[i].is_param]
         for produces in (True, False):
-            for name, patterns in self.stage.modules.items():
-                if any((s.dim == 0 or not produces) and fnmatch.fnmatchcase(s.owner[1:], p) for s in params for p in patterns):
+            for name, patterns in self.budget.modules.items():
+                if any((s.dim == 0 or not produces) and fnmatch.fnmatchcase(s.owner[1:], p)
+                       for s in params for p in patterns):
                     return name
         return None
 
-    def _order(self, g: int, scores: np.ndarray) -> _GroupOrder:
+    def _order(self, g: int, scores: np.ndarray) -> GroupOrder:
         a = self.a
         in_group = a.unit_group == g
         units = np.flatnonzero(in_group & ~a.unit_frozen)
         s = np.nan_to_num(scores[units].astype(np.float64), nan=np.inf)
         units = units[np.argsort(s, kind="stable")]
-        cap = int(math.floor(self.stage.max_sparsity * len(units) + 1e-9))
+        cap = int(math.floor(self.budget.max_sparsity * len(units) + 1e-9))
         rows = self.counts[units].tocoo()  # rows follow the removal order
         width = int(rows.data.max()) if rows.nnz else 1
         # Units up to the first one that would empty a space need no check: take them at once.
@@ -105,14 +130,16 @@ class Planner:
                 order.append(u)
         order = np.asarray(order, np.int64)
         mean = float(np.mean(np.abs(scores[units]))) if len(units) else 1.0
-        norm = scores[order] / (mean if mean > 0 and np.isfinite(mean) and self.normalize and self.stage.scope != "module"
-                                else 1.0)
-        r = self.stage.round_to
-        step = r // math.gcd(r, max(width, 1))
-        return _GroupOrder(g, order, norm, int(in_group.sum()), len(units), step)
+        scaled = mean > 0 and np.isfinite(mean) and self.normalize and self.budget.scope != "module"
+        norm = scores[order] / (mean if scaled else 1.0)
+        r = self.budget.round_to
+        step = r if self.budget.round_units else r // math.gcd(r, max(width, 1))
+        return GroupOrder(g, order, norm, int(in_group.sum()), len(units), step)
 
     # -- how many units each group loses at a given fraction q --------------------------------------------------
-    def _take(self, o: _GroupOrder, k: int) -> int:
+    def take(self, o: GroupOrder, k: int) -> int:
+        """How many units group ``o`` loses when asked for its first ``k``: within its order, and rounded so the
+        kept count is a multiple of its ``round_to`` step (which may keep more)."""
         k = max(0, min(k, len(o.order)))
         if o.step > 1 and k > 0:
             kept = o.n_units - k
@@ -120,17 +147,21 @@ class Planner:
             k = o.n_units - kept
         return max(0, min(k, len(o.order)))
 
+    def prefix(self, o: GroupOrder, k: int) -> np.ndarray:
+        """The unit ids group ``o`` loses when asked for its first ``k`` (see ``take``)."""
+        return o.order[:self.take(o, k)]
+
     def removed_units(self, q: float) -> np.ndarray:
         """Unit ids removed at fraction ``q`` of the budget axis (0 = nothing, 1 = as much as allowed)."""
-        if self.stage.scope == "global":
+        if self.budget.scope == "global":
             total = len(self.sorted_scores)
             kth = int(round(q * sum(o.n_prunable for o in self.orders)))
             kth = min(kth, total)
             if kth == 0:
                 return np.zeros(0, np.int64)
             t = self.sorted_scores[kth - 1]
-            takes = [self._take(o, int(np.searchsorted(o.scores, t, side="right"))) for o in self.orders]
-        elif self.stage.scope == "module":
+            takes = [self.take(o, int(np.searchsorted(o.scores, t, side="right"))) for o in self.orders]
+        elif self.budget.scope == "module":
             takes = [0] * len(self.orders)
             for fam in dict.fromkeys(self.family.values()):
                 members = [i for i, o in enumerate(self.orders) if self.family[o.group] == fam]
@@ -138,9 +169,9 @@ class Planner:
                 kth = min(int(round(q * sum(self.orders[i].n_prunable for i in members))), len(ranked))
                 for i in members:
                     o = self.orders[i]
-                    takes[i] = self._take(o, int(np.searchsorted(o.scores, ranked[kth - 1], side="right"))) if kth else 0
+                    takes[i] = self.take(o, int(np.searchsorted(o.scores, ranked[kth - 1], side="right"))) if kth else 0
         else:
-            takes = [self._take(o, int(math.floor(q * (o.n_prunable + o.done) + 1e-9)) - o.done) for o in self.orders]
+            takes = [self.take(o, int(math.floor(q * (o.n_prunable + o.done) + 1e-9)) - o.done) for o in self.orders]
         parts = [o.order[:k] for o, k in zip(self.orders, takes)]
         return np.concatenate(parts) if parts else np.zeros(0, np.int64)
 
@@ -167,7 +198,7 @@ class Planner:
         if best + 1e-9 < target:
             raise BudgetError(
                 f"{target_kind} target {target:.3f} cannot be met: at most {best:.3f} of the model's {metric} can be "
-                f"removed (max_sparsity={self.stage.max_sparsity}, frozen groups and ignored modules excluded)")
+                f"removed (max_sparsity={self.budget.max_sparsity}, frozen groups and ignored modules excluded)")
         lo, hi = 0.0, 1.0
         for _ in range(32):
             mid = (lo + hi) / 2
@@ -176,7 +207,7 @@ class Planner:
             else:
                 lo = mid
         below, above = self.removed_units(lo), self.removed_units(hi)
-        if self.stage.round_to > 1:
+        if self.budget.round_to > 1:
             return above
         # Many groups cross a step at the same fraction: add the units between ``lo`` and ``hi`` one by one,
         # lowest normalized score first (each group still loses a prefix of its order), to land on the target.

@@ -7,6 +7,7 @@ from typing import Any
 from torch import nn
 
 from .copies import shared_copy
+from .submodule import capture_inputs
 from .trace import record_shapes, trace, unwrap
 from .work import count_model
 
@@ -63,8 +64,6 @@ def report(before: nn.Module, after: nn.Module, example_inputs: Any) -> Report:
     sub = getattr(getattr(after, "fxprune_recipe", None), "submodule", "") or ""
     before, after = unwrap(before)[0], unwrap(after)[0]  # torch.compile / DataParallel wrappers
     if sub:
-        from .partial import capture_inputs
-
         sub_inputs, _ = capture_inputs(before, sub, inputs)
         pairs = [(before.get_submodule(sub), sub_inputs), (after.get_submodule(sub), sub_inputs)]
     else:

@@ -6,23 +6,24 @@ file: its tensors are the pruned model's ``state_dict`` and its string header me
 * ``format`` = ``"fxprune.model"`` and ``format_version`` (currently ``"1"``),
 * ``plan``: the plan JSON (``Plan.to_json``: kept indices relative to the original model),
 * ``leaf_modules``: a JSON list, the recipe's leaf modules (the replay must trace the same graph),
-* ``submodule``: the recipe's submodule path (partial tracing, ``fxprune.partial``), ``""`` for a whole-model plan;
+* ``submodule``: the recipe's submodule path (``fxprune.submodule``), ``""`` for a whole-model plan;
   a scoped file holds the whole model's tensors and its ``inputs`` are the submodule's captured inputs,
 * ``inputs``: a JSON list of the example inputs' shapes and dtypes (used when ``load`` gets no inputs),
 * ``training``: ``"true"``/``"false"``, the pruned model's mode, restored by ``load``,
 * ``fxprune_version`` and ``torch_version`` (informational).
 
 ``fxprune.load(path, model_or_constructor, example_inputs)`` traces the original architecture again, replays the
-plan (``passes.replay.apply_plan``: channels, then recorded rewrites) and then loads the saved tensors, so weights changed after pruning (fine-tuning)
-survive. Any safetensors reader can open the file; nothing in it is executable.
+plan (``passes.replay.apply_plan``: channels, then recorded rewrites) and then loads the saved tensors, so weights
+changed after pruning (fine-tuning) survive. Any safetensors reader can open the file; nothing in it is executable.
 """
 from __future__ import annotations
 
 import copy
 import json
 import logging
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence, Union
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -30,11 +31,12 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .api import as_input_tuple
 from .errors import FxPruneError, PlanError
+from .inputs import as_input_tuple
+from .ir.spec import TensorSpec, spec_of
 from .passes.replay import apply_plan
 from .plan import Plan
-from .trace import TensorSpec, record_shapes, spec_of, trace, unwrap
+from .trace import record_shapes, trace, unwrap
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +70,7 @@ def _input_specs(module: nn.Module, submodule: str, example_inputs: Any) -> list
         return traced_input_specs(module)
     inputs = as_input_tuple(example_inputs)
     if submodule:
-        from .partial import capture_inputs
+        from .submodule import capture_inputs
 
         inputs = capture_inputs(module, submodule, inputs)[0]
     return [{"shape": list(t.shape), "dtype": str(t.dtype)} for t in inputs if isinstance(t, torch.Tensor)]
@@ -90,7 +92,7 @@ def traced_input_specs(module: nn.Module) -> list[dict]:
     return specs
 
 
-def save(pruned: nn.Module, path: Union[str, Path], *, leaf_modules: Sequence[str] | None = None,
+def save(pruned: nn.Module, path: str | Path, *, leaf_modules: Sequence[str] | None = None,
          example_inputs: Any = None) -> Path:
     """Write ``pruned`` (a result of ``fxprune.compile``) to the single safetensors file ``path``.
 
@@ -116,14 +118,15 @@ def save(pruned: nn.Module, path: Union[str, Path], *, leaf_modules: Sequence[st
     # A scoped model may hold a torch.compile'd submodule: its keys lose the wrapper's "_orig_mod." part.
     tensors = {k.replace("_orig_mod.", ""): v.detach().to("cpu").contiguous().clone()
                for k, v in module.state_dict().items()}
-    submodule = getattr(module, "fxprune_submodule", "")  # set by partial tracing (compile and load)
+    submodule = getattr(module, "fxprune_submodule", "")  # set for a recipe submodule (compile and load)
     inputs = _input_specs(module, submodule, example_inputs)
     from . import __version__
 
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "plan": plan.to_json(),
             "leaf_modules": json.dumps(_leaf_modules_of(pruned, leaf_modules)), "inputs": json.dumps(inputs),
             "submodule": submodule,
-            "training": json.dumps(bool(module.training)), "fxprune_version": __version__, "torch_version": torch.__version__}
+            "training": json.dumps(bool(module.training)), "fxprune_version": __version__,
+            "torch_version": torch.__version__}
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out), metadata=meta)
@@ -131,7 +134,7 @@ def save(pruned: nn.Module, path: Union[str, Path], *, leaf_modules: Sequence[st
     return out
 
 
-def read_metadata(path: Union[str, Path]) -> dict[str, Any]:
+def read_metadata(path: str | Path) -> dict[str, Any]:
     """The decoded header of an fxprune file: ``plan`` (a ``Plan``), ``leaf_modules``, ``inputs`` and versions."""
     p = Path(path)
     if not p.is_file():
@@ -144,7 +147,8 @@ def read_metadata(path: Union[str, Path]) -> dict[str, Any]:
     if meta.get("format") != FORMAT:
         raise FxPruneError(f"'{p}' is a safetensors file but not an fxprune file (no format '{FORMAT}' in its header)")
     if meta.get("format_version") != FORMAT_VERSION:
-        raise FxPruneError(f"'{p}' has fxprune format version {meta.get('format_version')!r}; this fxprune reads {FORMAT_VERSION}")
+        raise FxPruneError(f"'{p}' has fxprune format version {meta.get('format_version')!r}; this fxprune reads "
+                           f"{FORMAT_VERSION}")
     try:
         return {"plan": Plan.from_json(meta["plan"]), "leaf_modules": json.loads(meta.get("leaf_modules", "[]")),
                 "inputs": json.loads(meta.get("inputs", "[]")), "training": json.loads(meta.get("training", "false")),
@@ -155,7 +159,7 @@ def read_metadata(path: Union[str, Path]) -> dict[str, Any]:
         raise FxPruneError(f"'{p}' has a damaged fxprune header: {exc}") from exc
 
 
-def _instantiate(model_or_constructor: Union[nn.Module, Callable[[], nn.Module]]) -> nn.Module:
+def _instantiate(model_or_constructor: nn.Module | Callable[[], nn.Module]) -> nn.Module:
     if isinstance(model_or_constructor, nn.Module):
         return copy.deepcopy(unwrap(model_or_constructor)[0])  # never touch the caller's model
     if callable(model_or_constructor):
@@ -172,23 +176,24 @@ def _default_inputs(specs: list[dict], path: Path) -> tuple:
     return tuple(torch.zeros(s["shape"], dtype=_DTYPES.get(s["dtype"], torch.float32)) for s in specs)
 
 
-def _load_weights(gm: fx.GraphModule, tensors: dict[str, torch.Tensor], path: Path, arch: str) -> None:
+def _load_weights(gm: nn.Module, tensors: dict[str, torch.Tensor], path: Path, arch: str) -> None:
     own = gm.state_dict()
     missing = sorted(set(own) - set(tensors))
     extra = sorted(set(tensors) - set(own))
     if missing or extra:
-        which = f"missing from the file: {', '.join(missing[:3])}" if missing else f"unknown to the model: {', '.join(extra[:3])}"
+        which = (f"missing from the file: {', '.join(missing[:3])}" if missing
+                 else f"unknown to the model: {', '.join(extra[:3])}")
         raise PlanError(f"'{path}' does not fit {arch}: its tensors differ from the pruned model's ({which})")
     for key, value in tensors.items():
         if tuple(own[key].shape) != tuple(value.shape):
             module = key.rsplit(".", 1)[0]
-            raise PlanError(f"'{path}' does not fit {arch}: module '{module}' has '{key}' of shape {tuple(own[key].shape)} "
-                            f"after replaying the plan, the file holds {tuple(value.shape)}")
+            raise PlanError(f"'{path}' does not fit {arch}: module '{module}' has '{key}' of shape "
+                            f"{tuple(own[key].shape)} after replaying the plan, the file holds {tuple(value.shape)}")
     gm.load_state_dict(tensors, strict=True)
 
 
-def load(path: Union[str, Path], model_or_constructor: Union[nn.Module, Callable[[], nn.Module]],
-         example_inputs: Any = None) -> fx.GraphModule:
+def load(path: str | Path, model_or_constructor: nn.Module | Callable[[], nn.Module],
+         example_inputs: Any = None) -> nn.Module:
     """Rebuild a pruned model saved with ``fxprune.save``.
 
     The plan is replayed on the original architecture and the saved weights are then loaded into the result.
@@ -215,9 +220,10 @@ def load(path: Union[str, Path], model_or_constructor: Union[nn.Module, Callable
     model = _instantiate(model_or_constructor)
     arch = type(model).__name__
     inputs = _default_inputs(meta["inputs"], p) if example_inputs is None else as_input_tuple(example_inputs)
+    gm: nn.Module
     try:
         if meta["submodule"]:  # partial tracing: replay on the same submodule, return the whole model
-            from .partial import capture_inputs, replay_submodule
+            from .submodule import capture_inputs, replay_submodule
 
             sub_inputs = inputs if example_inputs is None else capture_inputs(model, meta["submodule"], inputs)[0]
             gm = replay_submodule(model, meta["submodule"], plan, meta["leaf_modules"], sub_inputs)
@@ -228,7 +234,7 @@ def load(path: Union[str, Path], model_or_constructor: Union[nn.Module, Callable
     except PlanError as exc:
         raise PlanError(f"the plan in '{p}' does not fit {arch}: {exc}") from exc
     _load_weights(gm, load_file(str(p)), p, arch)
-    gm.fxprune_plan = plan
+    setattr(gm, "fxprune_plan", plan)  # nn.Module's typed __setattr__ names only tensors and modules
     gm.train(bool(meta["training"]))
     log.info("loaded %s from %s (%d spaces shrunk)", arch, p, len(plan.kept))
     return gm

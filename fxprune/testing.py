@@ -8,20 +8,26 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+import hashlib
+from collections.abc import Iterator, Sequence
+from typing import Any
 
+import numpy as np
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
 from torch import nn
 
+from .analysis import Analysis, analyze
+from .api import compile as fx_compile
+from .ir.space import Space
+from .ir.spec import TensorSpec, spec_of
+from .ops.registry import module_rule
 from .outputs import tensors_of
+from .passes.replay import apply_plan
 from .plan import Plan
-
-if TYPE_CHECKING:
-    import numpy as np
-
-    from .graph.dependency import Analysis
-from .trace import TensorSpec, record_shapes, spec_of, trace
+from .recipe import Recipe
+from .trace import record_shapes, trace
 
 
 def _zero_masked(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
@@ -67,8 +73,6 @@ class _MaskedNorm(nn.Module):
 
 def _norm_nodes(gm: fx.GraphModule) -> list[tuple[fx.Node, fx.Node, int]]:
     """(node, input node, number of normalized dims) of every LayerNorm/RMSNorm module or function call."""
-    import torch.nn.functional as F
-
     out = []
     for node in gm.graph.nodes:
         if not node.args or not isinstance(node.args[0], fx.Node):
@@ -86,10 +90,6 @@ def _norm_nodes(gm: fx.GraphModule) -> list[tuple[fx.Node, fx.Node, int]]:
 def _renormalize_norms(gm: fx.GraphModule, plan: Plan, norms: list[tuple[fx.Node, fx.Node, int]]) -> None:
     """Replace every norm whose normalized channels lose units by ``masked_layer_norm`` (``layer_norm:
     renormalize`` plans only)."""
-    import torch.nn.functional as F
-
-    from .graph.space import Space
-
     kept = plan.kept_spaces()
     for i, (node, source, k) in enumerate(norms):
         shape = spec_of(source).shape
@@ -108,7 +108,7 @@ def _renormalize_norms(gm: fx.GraphModule, plan: Plan, norms: list[tuple[fx.Node
             node.target = name
             continue
         rms = node.target is F.rms_norm
-        names = ("input", "normalized_shape", "weight", "eps") if rms else ("input", "normalized_shape", "weight", "bias", "eps")
+        names = ("input", "normalized_shape", "weight", *(() if rms else ("bias",)), "eps")
         given = {**dict(zip(names, node.args)), **node.kwargs}
         gm.register_buffer(f"_fxprune_renorm_keep_{i}", keep)
         with gm.graph.inserting_before(node):
@@ -119,7 +119,8 @@ def _renormalize_norms(gm: fx.GraphModule, plan: Plan, norms: list[tuple[fx.Node
         node.kwargs = {}
 
 
-def masked_model(model: nn.Module, plan: Plan, example_inputs: Sequence[Any], leaf_modules: Sequence[str] = ()) -> fx.GraphModule:
+def masked_model(model: nn.Module, plan: Plan, example_inputs: Sequence[Any],
+                 leaf_modules: Sequence[str] = ()) -> fx.GraphModule:
     """The original model with every channel the plan removes zeroed wherever it appears.
 
     With ``plan.options["layer_norm"] == "renormalize"``, every LayerNorm/RMSNorm whose normalized channels lose
@@ -167,10 +168,6 @@ def masked_model(model: nn.Module, plan: Plan, example_inputs: Sequence[Any], le
 def _mask_leaf_internals(gm: fx.GraphModule, plan: Plan) -> None:
     """Zero what removed units own inside leaf modules whose rule says how (``rule.mask_removed(module, axis,
     removed)``), in deep copies registered on ``gm`` under new names, so no module of the user's model changes."""
-    import numpy as np
-
-    from .ops.registry import module_rule
-
     copies: dict[str, nn.Module] = {}
     for space, kept in plan.kept_spaces().items():
         path = space.owner[1:]
@@ -236,8 +233,6 @@ def assert_masked_equals_shrunk(
     """
     inputs = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
     if shrunk is None:
-        from .passes.replay import apply_plan
-
         shrunk = trace(copy.deepcopy(model).eval(), leaf_modules)
         record_shapes(shrunk, inputs)
         apply_plan(shrunk, plan, inputs)
@@ -247,13 +242,12 @@ def assert_masked_equals_shrunk(
     for i, (w, g) in enumerate(zip(want, got)):
         assert w.shape == g.shape, f"output {i}: masked shape {tuple(w.shape)} != shrunk shape {tuple(g.shape)}"
         scale = max(1.0, float(w.abs().max())) if w.numel() and w.is_floating_point() else 1.0
-        torch.testing.assert_close(g, w, atol=atol * scale, rtol=rtol, msg=lambda m: f"output {i}: shrunk != masked: {m}")
+        torch.testing.assert_close(g, w, atol=atol * scale, rtol=rtol,
+                                   msg=lambda m: f"output {i}: shrunk != masked: {m}")
 
 
 def _digest(t: torch.Tensor) -> tuple:
     """Shape, dtype and SHA-1 of a tensor's bytes: detects any change without keeping a copy."""
-    import hashlib
-
     data = t.detach().cpu().contiguous().reshape(-1)
     raw = data.view(torch.uint8) if data.dtype != torch.bool and data.numel() else data.to(torch.uint8)
     return tuple(t.shape), str(t.dtype), hashlib.sha1(raw.numpy().tobytes()).hexdigest()
@@ -285,11 +279,9 @@ def assert_compiles(model: nn.Module, *inputs: Any, backend: str = "aot_eager", 
     return compiled
 
 
-def prune_and_check(model: nn.Module, recipe: Any, inputs: Any, *, atol: float = 1e-4, rtol: float = 1e-4) -> fx.GraphModule:
+def prune_and_check(model: nn.Module, recipe: Any, inputs: Any, *, atol: float = 1e-4,
+                    rtol: float = 1e-4) -> fx.GraphModule:
     """``fxprune.compile`` then ``assert_masked_equals_shrunk``; also checks the input model was not modified."""
-    from .api import compile as fx_compile
-    from .recipe import Recipe
-
     inputs = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
     recipe = Recipe.load(recipe)
     state = state_digest(model)  # digests, not clones: vit_h_14 is 2.5 GB
@@ -297,52 +289,27 @@ def prune_and_check(model: nn.Module, recipe: Any, inputs: Any, *, atol: float =
     after = state_digest(model)
     changed = sorted(k for k in state.keys() | after.keys() if state.get(k) != after.get(k))
     assert not changed, f"compile modified the input model at {changed}"
-    assert_masked_equals_shrunk(model, pruned.fxprune_plan, inputs, pruned, leaf_modules=recipe.leaf_modules, atol=atol, rtol=rtol)
+    assert_masked_equals_shrunk(model, pruned.fxprune_plan, inputs, pruned, leaf_modules=recipe.leaf_modules,
+                                atol=atol, rtol=rtol)
     return pruned
 
 
-def analyze_model(model: nn.Module, *inputs: torch.Tensor) -> "Analysis":
+def analyze_model(model: nn.Module, *inputs: torch.Tensor) -> Analysis:
     """Trace, record shapes and analyze ``model`` (a deep copy) in eval mode."""
-    from .graph.dependency import analyze
-
     gm = trace(copy.deepcopy(model).eval())
     record_shapes(gm, inputs)
     return analyze(gm)
 
 
-def units_of(a: "Analysis", key: str) -> "np.ndarray":
+def units_of(a: Analysis, key: str) -> np.ndarray:
     """Unit id of every slot of the space named ``key`` (e.g. ``'@conv1:0:0'``)."""
-    from .graph.space import Space
-
     i = a.index[Space.parse(key)]
     return a.slot_unit[a.offsets[i]: a.offsets[i] + a.sizes[i]]
 
 
-def frozen_of(a: "Analysis", key: str) -> "np.ndarray":
+def frozen_of(a: Analysis, key: str) -> np.ndarray:
     """Whether each slot of the space ``key`` belongs to a frozen unit."""
     return a.unit_frozen[units_of(a, key)]
-
-
-class ResCatNet(nn.Module):
-    """A small test network with a residual add, a concatenation, a flatten and a linear head.
-
-    stem (width) -> body (2 * width -> width) added back -> cat with a side branch (width // 2) -> fuse -> fc.
-    """
-
-    def __init__(self, width: int = 16, fuse: int = 32, classes: int = 5) -> None:
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU())
-        self.body = nn.Sequential(nn.Conv2d(width, 2 * width, 3, padding=1), nn.BatchNorm2d(2 * width), nn.ReLU(),
-                                  nn.Conv2d(2 * width, width, 3, padding=1), nn.BatchNorm2d(width))
-        self.side = nn.Conv2d(width, width // 2, 1)
-        self.fuse = nn.Conv2d(width + width // 2, fuse, 1)
-        self.fc = nn.Linear(fuse, classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        s = self.stem(x)
-        r = torch.relu(s + self.body(s))
-        y = self.fuse(torch.cat([r, self.side(r)], 1))
-        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(y, 1), 1))
 
 
 def channel_recipe(target: float, kind: str = "sparsity", **fields: Any) -> dict:
@@ -350,6 +317,6 @@ def channel_recipe(target: float, kind: str = "sparsity", **fields: Any) -> dict
     return {"stages": [{"kind": "channels", "target": {kind: target}, **fields}]}
 
 
-__all__ = ["ResCatNet", "assert_masked_equals_shrunk", "assert_compiles", "masked_model", "masked_layer_norm",
+__all__ = ["assert_masked_equals_shrunk", "assert_compiles", "masked_model", "masked_layer_norm",
            "prune_and_check", "state_digest", "analyze_model", "units_of", "frozen_of", "channel_recipe"]
 

@@ -6,21 +6,22 @@ in ``node.meta["fxprune"]``, the shape of every tensor (or the plain value of a 
 from __future__ import annotations
 
 import fnmatch
-import sys
 import logging
+import sys
 import traceback
-from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import torch
 import torch.fx as fx
 from torch import nn
 
 from .errors import ExampleInputsError, TraceFailure
+from .ir.spec import META, TensorSpec
+from .ops import attention, timm_norm
+from .ops.registry import has_module_rule
 
 log = logging.getLogger(__name__)
-
-META = "fxprune"
 
 # Extra leaf module types and wrapped functions, extended with ``register_leaf`` (e.g. by the timm integration).
 _LEAF_TYPES: set[type] = set()
@@ -37,18 +38,11 @@ def register_autowrap_function(*fns: Callable[..., Any]) -> None:
     _AUTOWRAP_FUNCTIONS.update(fns)
 
 
-@dataclass(frozen=True)
-class TensorSpec:
-    """Shape and dtype of one tensor produced by a node."""
-
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-
-
 def _static_length(node: fx.Node) -> int | None:
     """How many items a split-like node returns, when its arguments say so (``chunk(n)``, ``split([...])``)."""
     name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
-    second = node.args[1] if len(node.args) > 1 else node.kwargs.get("chunks", node.kwargs.get("split_size_or_sections"))
+    kwargs = node.kwargs
+    second = node.args[1] if len(node.args) > 1 else kwargs.get("chunks", kwargs.get("split_size_or_sections"))
     if name == "chunk" and isinstance(second, int):
         return second
     if name in ("split", "split_with_sizes", "tensor_split") and isinstance(second, (list, tuple)):
@@ -97,8 +91,6 @@ class PruneTracer(fx.Tracer):
         return SizedProxy(node, self) if _static_length(node) is not None else super().proxy(node)
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        from .ops.registry import has_module_rule  # local: ops import trace
-
         if any(fnmatch.fnmatchcase(module_qualified_name, p) or type(m).__name__ == p for p in self.leaf_patterns):
             return True
         if type(m) in _LEAF_TYPES or type(m) in self.notrace_types or has_module_rule(m):
@@ -140,7 +132,8 @@ def unwrap(model: nn.Module) -> tuple[nn.Module, list[str]]:
         wrappers.append(name)
 
 
-def trace(model: nn.Module, leaf_modules: Sequence[str] = (), autowrap_functions: Iterable[Callable] = ()) -> fx.GraphModule:
+def trace(model: nn.Module, leaf_modules: Sequence[str] = (),
+          autowrap_functions: Iterable[Callable] = ()) -> fx.GraphModule:
     """Symbolically trace ``model`` (which is not modified) into a ``GraphModule``.
 
     The result shares submodules with ``model``: deep-copy the model first if the trace will be shrunk
@@ -154,8 +147,6 @@ def trace(model: nn.Module, leaf_modules: Sequence[str] = (), autowrap_functions
     Raises:
         TraceFailure: naming the module and source line that broke tracing, and how to mark it as a leaf.
     """
-    from .ops import attention, timm_norm
-
     timm_norm.register()  # rules for timm's norm+act layers, which its no-trace registries keep whole
     attention.register_timm()  # timm's attention-mask helpers (manual attention path)
     tracer = PruneTracer(leaf_modules, autowrap_functions)
@@ -171,8 +162,12 @@ def trace(model: nn.Module, leaf_modules: Sequence[str] = (), autowrap_functions
                 exc = second
     if graph is None:
         where = tracer.failed_in or ""
-        owner = f"module '{where}' ({type(model.get_submodule(where)).__name__})" if where else f"'{type(model).__name__}.forward'"
-        hint = f"mark it as a leaf with recipe leaf_modules=['{where}']" if where else "mark the offending submodule as a leaf with recipe leaf_modules=[...]"
+        if where:
+            owner = f"module '{where}' ({type(model.get_submodule(where)).__name__})"
+            hint = f"mark it as a leaf with recipe leaf_modules=['{where}']"
+        else:
+            owner = f"'{type(model).__name__}.forward'"
+            hint = "mark the offending submodule as a leaf with recipe leaf_modules=[...]"
         raise TraceFailure(
             f"torch.fx could not trace {owner} at {_user_frame(exc)}: {type(exc).__name__}: {exc}. "
             f"torch.fx cannot follow data-dependent control flow or code outside modules; {hint} "
@@ -244,8 +239,3 @@ def record_shapes(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Any:
         except Exception as exc:  # an op without a meta kernel, or a real error the real run reports
             log.debug("meta-device shape recording failed (%s); running for real", exc)
         return ShapeRecorder(gm).run(*example_inputs)
-
-
-def spec_of(node: Any) -> Any:
-    """The recorded spec of a node (``None`` for constants and unrecorded nodes)."""
-    return node.meta.get(META) if isinstance(node, fx.Node) else None

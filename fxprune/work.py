@@ -5,23 +5,20 @@ pooling are left out, as in most published FLOPs figures.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 import torch.fx as fx
 
+from .analysis import Analysis, analyze
+from .ir.context import SizeContext
+from .ir.space import Space
 from .ops.registry import OpRule
-from .passes.context import SizeContext
-from .graph.space import Space
-
-if TYPE_CHECKING:
-    from .graph.dependency import Analysis
+from .trace import record_shapes, trace, unwrap
 
 
 class Counter:
     """MACs and parameters of an analysed graph for any set of shrunk sizes."""
 
-    def __init__(self, analysis: "Analysis") -> None:
+    def __init__(self, analysis: Analysis) -> None:
         self.a = analysis
         gm = analysis.gm
         self.mac_nodes = [(n, analysis.node_rules[n.name]) for n in gm.graph.nodes
@@ -49,11 +46,10 @@ class Counter:
         return 1.0 - now / base if base else 0.0
 
 
-def count_work(model: "torch.nn.Module", *inputs: "torch.Tensor") -> dict[str, int]:
+def count_work(model: torch.nn.Module, *inputs: torch.Tensor) -> dict[str, int]:
     """MACs and parameters of any traceable model on ``inputs`` (the model is not modified; a ``torch.compile`` or
     ``DataParallel`` wrapper is looked through)."""
     from .copies import shared_copy
-    from .trace import record_shapes, trace, unwrap
 
     # Trace a copy: tracing runs forward code, and some models cache what it computes (timm LeViT caches its
     # attention biases per device), which would leave proxies in the user's model. The copy shares the weights
@@ -66,6 +62,4 @@ def count_work(model: "torch.nn.Module", *inputs: "torch.Tensor") -> dict[str, i
 
 def count_model(gm: fx.GraphModule) -> dict[str, int]:
     """MACs and parameters of a traced module whose nodes carry recorded shapes."""
-    from .graph.dependency import analyze
-
     return Counter(analyze(gm)).count({})

@@ -29,24 +29,17 @@ used under ``torch.compile(fullgraph=True)`` and fine-tuned.
 from __future__ import annotations
 
 import logging
-import os
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-try:
-    import triton
-    import triton.language as tl
-
-    HAS_TRITON = True
-except ImportError:  # pragma: no cover - triton is a Linux-only dependency
-    HAS_TRITON = False
+from ._triton import HAS_TRITON, interpreted, tl, triton
 
 __all__ = ["HAS_TRITON", "blocksparse_matmul", "blocksparse_matmul_reference", "bsr_to_dense", "dense_to_bsr",
            "get_blocksparse_matmul_configs", "triton_interpreter_active"]
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 _BACKENDS = ("auto", "triton", "torch", "dense", "gather")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -56,16 +49,10 @@ _INDEX_DTYPES = (torch.int32, torch.int64)
 _SMEM_BUDGET = 160 * 1024
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def triton_interpreter_active() -> bool:
-    """True when both triton.language and this kernel were built for the interpreter,
-    i.e. TRITON_INTERPRET=1 was set before triton was first imported."""
-    if not HAS_TRITON:
-        return False
-    return all(type(f).__name__ == "InterpretedFunction" for f in (tl.zeros, _blocksparse_matmul_kernel.fn))
+    """True when this kernel was built for the Triton interpreter, i.e. TRITON_INTERPRET=1 was set before triton
+    was first imported."""
+    return HAS_TRITON and interpreted(_blocksparse_matmul_kernel)
 
 
 # --------------------------------------------------------------------------- #
@@ -88,11 +75,14 @@ if HAS_TRITON:
         return [c for c in configs if _keep_config(c)]
 
     def _prune_configs(configs: list[triton.Config], named_args: dict[str, Any], **kwargs: Any) -> list[triton.Config]:
-        """Per-shape pruning: one small config under the interpreter, else drop
-        tiles much taller than M and tiles whose pipeline does not fit in SMEM."""
-        if _interpreting():
+        """The autotuner's per-shape pruning hook: ``_configs_for`` the launch's arguments."""
+        return _configs_for(configs, {**named_args, **kwargs}, interpreter=triton_interpreter_active())
+
+    def _configs_for(configs: list[triton.Config], args: dict[str, Any], *, interpreter: bool) -> list[triton.Config]:
+        """One small config under the interpreter, else drop tiles much taller than M and tiles whose pipeline
+        does not fit in SMEM."""
+        if interpreter:
             return [triton.Config({"BLOCK_M": 64}, num_warps=4, num_stages=1)]
-        args = {**named_args, **kwargs}
         m_bucket, bn, bk = args["M_BUCKET"], args["BN"], args["BK"]
         elem = args["x_ptr"].element_size()
         kept = [
@@ -148,7 +138,7 @@ if HAS_TRITON:
         tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None])
 
     def _launch_kernel(kernel: Any, x2d: torch.Tensor, values: torch.Tensor, col_indices: torch.Tensor,
-                       row_ptr: torch.Tensor, bias: Optional[torch.Tensor], n_out: int, k_in: int) -> torch.Tensor:
+                       row_ptr: torch.Tensor, bias: torch.Tensor | None, n_out: int, k_in: int) -> torch.Tensor:
         m = x2d.shape[0]
         bn, bk = values.shape[1], values.shape[2]
         y = torch.empty((m, n_out), device=x2d.device, dtype=x2d.dtype)
@@ -200,7 +190,7 @@ def bsr_to_dense(values: torch.Tensor, col_indices: torch.Tensor, row_ptr: torch
 
 
 def dense_to_bsr(weight: torch.Tensor, block_shape: tuple[int, int],
-                 mask: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                 mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Split ``weight[N, K]`` into ``(values, col_indices, row_ptr)``.
 
     Keeps the blocks selected by ``mask`` (bool ``[N // BN, K // BK]``), or every
@@ -228,7 +218,7 @@ def dense_to_bsr(weight: torch.Tensor, block_shape: tuple[int, int],
 
 def blocksparse_matmul_reference(x: torch.Tensor, values: torch.Tensor, col_indices: torch.Tensor,
                                  row_ptr: torch.Tensor, shape: tuple[int, int],
-                                 bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+                                 bias: torch.Tensor | None = None) -> torch.Tensor:
     """Test oracle: densify with an explicit loop over block-rows, then ``F.linear``."""
     n, k = shape
     bn, bk = values.shape[1], values.shape[2]
@@ -242,12 +232,12 @@ def blocksparse_matmul_reference(x: torch.Tensor, values: torch.Tensor, col_indi
 
 
 def _dense_path(x: torch.Tensor, values: torch.Tensor, col_indices: torch.Tensor, row_ptr: torch.Tensor,
-                n_out: int, k_in: int, bias: Optional[torch.Tensor]) -> torch.Tensor:
+                n_out: int, k_in: int, bias: torch.Tensor | None) -> torch.Tensor:
     return F.linear(x, bsr_to_dense(values, col_indices, row_ptr, (n_out, k_in)), bias)
 
 
 def _gather_path(x: torch.Tensor, values: torch.Tensor, col_indices: torch.Tensor, row_ptr: torch.Tensor,
-                 n_out: int, k_in: int, bias: Optional[torch.Tensor]) -> torch.Tensor:
+                 n_out: int, k_in: int, bias: torch.Tensor | None) -> torch.Tensor:
     """Pad every block-row to the longest one, gather the X column blocks it needs
     and contract them with one batched matmul over block-rows."""
     nnz, bn, bk = values.shape
@@ -277,7 +267,7 @@ def _prefer_gather(m: int, row_ptr: torch.Tensor, n_cols: int) -> bool:
 
 
 def _check_inputs(x: torch.Tensor, values: torch.Tensor, col_indices: torch.Tensor, row_ptr: torch.Tensor,
-                  n_out: int, k_in: int, bias: Optional[torch.Tensor]) -> None:
+                  n_out: int, k_in: int, bias: torch.Tensor | None) -> None:
     if values.dim() != 3:
         raise ValueError(f"values must be [nnz_blocks, BN, BK], got shape {tuple(values.shape)}")
     nnz, bn, bk = values.shape
@@ -309,7 +299,7 @@ def _check_inputs(x: torch.Tensor, values: torch.Tensor, col_indices: torch.Tens
 
 
 def blocksparse_matmul(x: torch.Tensor, values: torch.Tensor, col_indices: torch.Tensor, row_ptr: torch.Tensor,
-                       n_out: int, k_in: int, bias: Optional[torch.Tensor] = None,
+                       n_out: int, k_in: int, bias: torch.Tensor | None = None,
                        backend: str = "auto") -> torch.Tensor:
     """``x[..., K] @ W^T (+ bias)`` for a BSR weight ``W[n_out, k_in]``; returns ``[..., n_out]``.
 
@@ -329,8 +319,8 @@ def blocksparse_matmul(x: torch.Tensor, values: torch.Tensor, col_indices: torch
     if backend == "torch":
         m = x.numel() // max(k_in, 1)
         backend = "gather" if _prefer_gather(m, row_ptr, k_in // values.shape[2]) else "dense"
-    logger.debug("blocksparse_matmul: %s backend, x %s, W %s in %s blocks", backend, tuple(x.shape),
-                 (n_out, k_in), tuple(values.shape))
+    log.debug("blocksparse_matmul: %s backend, x %s, W %s in %s blocks", backend, tuple(x.shape),
+              (n_out, k_in), tuple(values.shape))
     if backend == "dense":
         return _dense_path(x, values, col_indices, row_ptr, n_out, k_in, bias)
     if backend == "gather":
@@ -355,14 +345,14 @@ def blocksparse_matmul(x: torch.Tensor, values: torch.Tensor, col_indices: torch
 # --------------------------------------------------------------------------- #
 @torch.library.custom_op("fxprune::blocksparse_linear", mutates_args=())
 def blocksparse_linear(x: torch.Tensor, values: torch.Tensor, col_indices: torch.Tensor, row_ptr: torch.Tensor,
-                       n_out: int, k_in: int, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+                       n_out: int, k_in: int, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear`` with a BSR weight; Triton on CUDA, the PyTorch path elsewhere."""
     return blocksparse_matmul(x, values, col_indices, row_ptr, n_out, k_in, bias, backend="auto")
 
 
 @blocksparse_linear.register_fake
 def _(x: torch.Tensor, values: torch.Tensor, col_indices: torch.Tensor, row_ptr: torch.Tensor,
-      n_out: int, k_in: int, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+      n_out: int, k_in: int, bias: torch.Tensor | None = None) -> torch.Tensor:
     torch._check(x.shape[-1] == k_in, lambda: f"x must have last dim k_in={k_in}")
     torch._check(values.dim() == 3, lambda: "values must be [nnz_blocks, BN, BK]")
     return x.new_empty((*x.shape[:-1], n_out))
@@ -375,7 +365,7 @@ def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> N
     ctx.has_bias = bias is not None
 
 
-def _backward(ctx: Any, grad_y: torch.Tensor) -> tuple[Optional[torch.Tensor], ...]:
+def _backward(ctx: Any, grad_y: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
     x, values, col_indices, row_ptr = ctx.saved_tensors
     n_out, k_in = ctx.shape
     nnz, bn, bk = values.shape

@@ -26,14 +26,14 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-import triton
-import triton.language as tl
 
-logger = logging.getLogger(__name__)
+from ._triton import HAS_TRITON, interpreted, tl, triton
+
+log = logging.getLogger(__name__)
 
 __all__ = ["gathered_attention", "gathered_attention_reference", "get_gathered_attention_configs"]
 
@@ -90,84 +90,86 @@ def _prune_for_problem(configs: list[triton.Config], named_args: dict, **kwargs:
 # --------------------------------------------------------------------------- #
 # Kernel
 # --------------------------------------------------------------------------- #
-@triton.jit
-def _gathered_attention_kernel(
-    qkv_ptr, idx_ptr, out_ptr,
-    stride_qb, stride_qn, stride_qs, stride_qh, stride_qd,
-    stride_ib, stride_ik,
-    stride_ob, stride_ok, stride_oh, stride_od,
-    H, K_TOKENS, HEAD_DIM, K_BUCKET, qk_scale,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
-):
-    # ---- prologue: locate this program's (batch, head, query tile) --------
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)  # int64 offsets: qkv may exceed 2**31 elements
-    h = (pid_bh % H).to(tl.int64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_m = offs_m < K_TOKENS
-    mask_d = offs_d < HEAD_DIM  # BLOCK_D is HEAD_DIM padded to a power of two
-    idx_row = idx_ptr + b * stride_ib
-    head_base = qkv_ptr + b * stride_qb + h * stride_qh
-    k_base = head_base + stride_qs  # slot 1 of the "3" axis
-    v_base = head_base + 2 * stride_qs  # slot 2
-    # Gather the query rows: load the token indices, then address the rows.
-    tok_m = tl.load(idx_row + offs_m * stride_ik, mask=mask_m, other=0).to(tl.int64)
-    q_ptrs = head_base + tok_m[:, None] * stride_qn + offs_d[None, :] * stride_qd
-    q = tl.load(q_ptrs, mask=mask_m[:, None] & mask_d[None, :], other=0.0)
-    if DOT_UPCAST:  # the Triton interpreter mis-computes tl.dot on bf16 operands
-        q = q.to(tl.float32)
-    # Online-softmax state, fp32; scores use exp2 with log2(e) folded in qk_scale.
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+if HAS_TRITON:
 
-    # ---- main loop: stream the selected key/value rows tile by tile --------
-    for start_n in range(0, K_TOKENS, BLOCK_N):
-        cols = start_n + offs_n
-        mask_n = cols < K_TOKENS
-        tok_n = tl.load(idx_row + cols * stride_ik, mask=mask_n, other=0).to(tl.int64)
-        row_off = tok_n[:, None] * stride_qn + offs_d[None, :] * stride_qd
-        kv_mask = mask_n[:, None] & mask_d[None, :]
-        k = tl.load(k_base + row_off, mask=kv_mask, other=0.0)
-        v = tl.load(v_base + row_off, mask=kv_mask, other=0.0)
-        if DOT_UPCAST:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-        s = tl.where(mask_n[None, :], s, float("-inf"))  # padding keys get no weight
-        # Column 0 of the first tile is always valid (K >= 1), so m_new is finite.
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.math.exp2(m_i - m_new)  # rescales what was accumulated so far
-        p = tl.math.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
-        acc += tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
+    @triton.jit
+    def _gathered_attention_kernel(
+        qkv_ptr, idx_ptr, out_ptr,
+        stride_qb, stride_qn, stride_qs, stride_qh, stride_qd,
+        stride_ib, stride_ik,
+        stride_ob, stride_ok, stride_oh, stride_od,
+        H, K_TOKENS, HEAD_DIM, K_BUCKET, qk_scale,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+        DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
+    ):
+        # ---- prologue: locate this program's (batch, head, query tile) --------
+        pid_m = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        b = (pid_bh // H).to(tl.int64)  # int64 offsets: qkv may exceed 2**31 elements
+        h = (pid_bh % H).to(tl.int64)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, BLOCK_D)
+        mask_m = offs_m < K_TOKENS
+        mask_d = offs_d < HEAD_DIM  # BLOCK_D is HEAD_DIM padded to a power of two
+        idx_row = idx_ptr + b * stride_ib
+        head_base = qkv_ptr + b * stride_qb + h * stride_qh
+        k_base = head_base + stride_qs  # slot 1 of the "3" axis
+        v_base = head_base + 2 * stride_qs  # slot 2
+        # Gather the query rows: load the token indices, then address the rows.
+        tok_m = tl.load(idx_row + offs_m * stride_ik, mask=mask_m, other=0).to(tl.int64)
+        q_ptrs = head_base + tok_m[:, None] * stride_qn + offs_d[None, :] * stride_qd
+        q = tl.load(q_ptrs, mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+        if DOT_UPCAST:  # the Triton interpreter mis-computes tl.dot on bf16 operands
+            q = q.to(tl.float32)
+        # Online-softmax state, fp32; scores use exp2 with log2(e) folded in qk_scale.
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    # ---- epilogue: normalise and store the valid rows/columns --------------
-    acc = acc / l_i[:, None]
-    out_ptrs = (out_ptr + b * stride_ob + h * stride_oh
-                + offs_m[:, None] * stride_ok + offs_d[None, :] * stride_od)
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
+        # ---- main loop: stream the selected key/value rows tile by tile --------
+        for start_n in range(0, K_TOKENS, BLOCK_N):
+            cols = start_n + offs_n
+            mask_n = cols < K_TOKENS
+            tok_n = tl.load(idx_row + cols * stride_ik, mask=mask_n, other=0).to(tl.int64)
+            row_off = tok_n[:, None] * stride_qn + offs_d[None, :] * stride_qd
+            kv_mask = mask_n[:, None] & mask_d[None, :]
+            k = tl.load(k_base + row_off, mask=kv_mask, other=0.0)
+            v = tl.load(v_base + row_off, mask=kv_mask, other=0.0)
+            if DOT_UPCAST:
+                k = k.to(tl.float32)
+                v = v.to(tl.float32)
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+            s = tl.where(mask_n[None, :], s, float("-inf"))  # padding keys get no weight
+            # Column 0 of the first tile is always valid (K >= 1), so m_new is finite.
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            alpha = tl.math.exp2(m_i - m_new)  # rescales what was accumulated so far
+            p = tl.math.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None]
+            acc += tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+            m_i = m_new
+
+        # ---- epilogue: normalise and store the valid rows/columns --------------
+        acc = acc / l_i[:, None]
+        out_ptrs = (out_ptr + b * stride_ob + h * stride_oh
+                    + offs_m[:, None] * stride_ok + offs_d[None, :] * stride_od)
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
 
 
-_gathered_attention_kernel_autotuned = triton.autotune(
-    configs=get_gathered_attention_configs(),
-    key=["K_BUCKET", "HEAD_DIM"],
-    prune_configs_by={"early_config_prune": _prune_for_problem},
-)(_gathered_attention_kernel)
+    _gathered_attention_kernel_autotuned = triton.autotune(
+        configs=get_gathered_attention_configs(),
+        key=["K_BUCKET", "HEAD_DIM"],
+        prune_configs_by={"early_config_prune": _prune_for_problem},
+    )(_gathered_attention_kernel)
 
 
 # Decided once, when ``@triton.jit`` ran (it reads TRITON_INTERPRET at that moment).
-_INTERPRETED = type(_gathered_attention_kernel).__name__ == "InterpretedFunction"
+_INTERPRETED = HAS_TRITON and interpreted(_gathered_attention_kernel)
 
 
 def _interpreting() -> bool:
-    """True when the kernel was created by the Triton interpreter."""
+    """True when the kernel was built by the Triton interpreter."""
     return _INTERPRETED
 
 
@@ -196,8 +198,11 @@ def _check_inputs(qkv: torch.Tensor, idx: torch.Tensor, *, for_kernel: bool, che
     if qkv.device != idx.device:
         raise ValueError(f"gathered_attention: qkv is on {qkv.device} but idx is on {idx.device}")
     if for_kernel:
+        if not HAS_TRITON:
+            raise ValueError("gathered_attention: backend='triton' requested but triton is not installed")
         if not 1 <= head_dim <= _MAX_HEAD_DIM:
-            raise ValueError(f"gathered_attention: the Triton kernel supports head_dim <= {_MAX_HEAD_DIM}, got {head_dim}")
+            raise ValueError(f"gathered_attention: the Triton kernel supports head_dim <= {_MAX_HEAD_DIM}, "
+                             f"got {head_dim}")
         if batch * heads > _MAX_GRID_Y:
             raise ValueError(f"gathered_attention: B*H = {batch * heads} exceeds the grid limit {_MAX_GRID_Y}")
         if qkv.device.type != "cuda" and not _interpreting():
@@ -211,14 +216,14 @@ def _check_inputs(qkv: torch.Tensor, idx: torch.Tensor, *, for_kernel: bool, che
             raise ValueError(f"gathered_attention: idx values must lie in [0, {n_tokens}), got range [{lo}, {hi}]")
 
 
-def _resolve_scale(scale: Optional[float], head_dim: int) -> float:
+def _resolve_scale(scale: float | None, head_dim: int) -> float:
     return float(scale) if scale is not None else 1.0 / math.sqrt(head_dim)
 
 
 # --------------------------------------------------------------------------- #
 # Reference and launcher
 # --------------------------------------------------------------------------- #
-def gathered_attention_reference(qkv: torch.Tensor, idx: torch.Tensor, scale: Optional[float] = None) -> torch.Tensor:
+def gathered_attention_reference(qkv: torch.Tensor, idx: torch.Tensor, scale: float | None = None) -> torch.Tensor:
     """Pure PyTorch oracle: gather the selected rows, then ``scaled_dot_product_attention``.
 
     Args:
@@ -238,7 +243,7 @@ def gathered_attention_reference(qkv: torch.Tensor, idx: torch.Tensor, scale: Op
 
 
 def _launch_triton(
-    qkv: torch.Tensor, idx: torch.Tensor, scale: Optional[float], *, block: Optional[tuple[int, int]] = None
+    qkv: torch.Tensor, idx: torch.Tensor, scale: float | None, *, block: tuple[int, int] | None = None
 ) -> torch.Tensor:
     """Allocate the output and launch the kernel (inputs assumed checked).
 
@@ -262,7 +267,7 @@ def _launch_triton(
         block = (INTERPRETER_BLOCK, INTERPRETER_BLOCK)
     if block is not None:
         grid = (triton.cdiv(k_tokens, block[0]), batch * heads)
-        logger.debug("gathered_attention: fixed config %s, grid %s", block, grid)
+        log.debug("gathered_attention: fixed config %s, grid %s", block, grid)
         _gathered_attention_kernel[grid](
             *args, BLOCK_M=block[0], BLOCK_N=block[1], BLOCK_D=block_d, DOT_PRECISION=precision,
             DOT_UPCAST=upcast, num_warps=4, num_stages=2,
@@ -281,28 +286,28 @@ def _launch_triton(
 # Custom ops (forward + backward) for torch.compile and autograd
 # --------------------------------------------------------------------------- #
 @torch.library.custom_op("fxprune::gathered_attention", mutates_args=())
-def _gathered_attention_op(qkv: torch.Tensor, idx: torch.Tensor, scale: Optional[float] = None) -> torch.Tensor:
+def _gathered_attention_op(qkv: torch.Tensor, idx: torch.Tensor, scale: float | None = None) -> torch.Tensor:
     return gathered_attention_reference(qkv, idx, scale)  # CPU / default implementation
 
 
 @_gathered_attention_op.register_kernel("cuda")
-def _gathered_attention_cuda(qkv: torch.Tensor, idx: torch.Tensor, scale: Optional[float] = None) -> torch.Tensor:
+def _gathered_attention_cuda(qkv: torch.Tensor, idx: torch.Tensor, scale: float | None = None) -> torch.Tensor:
     batch, _, _, heads, head_dim = qkv.shape
-    if qkv.dtype not in _KERNEL_DTYPES or head_dim > _MAX_HEAD_DIM or batch * heads > _MAX_GRID_Y:
-        logger.debug("gathered_attention: %s %s outside the kernel's range, using the reference",
-                     qkv.dtype, tuple(qkv.shape))
+    if not HAS_TRITON or qkv.dtype not in _KERNEL_DTYPES or head_dim > _MAX_HEAD_DIM or batch * heads > _MAX_GRID_Y:
+        log.debug("gathered_attention: %s %s outside the kernel's range (or no triton), using the reference",
+                  qkv.dtype, tuple(qkv.shape))
         return gathered_attention_reference(qkv, idx, scale)
     return _launch_triton(qkv, idx, scale)
 
 
 @_gathered_attention_op.register_fake
-def _gathered_attention_fake(qkv: torch.Tensor, idx: torch.Tensor, scale: Optional[float] = None) -> torch.Tensor:
+def _gathered_attention_fake(qkv: torch.Tensor, idx: torch.Tensor, scale: float | None = None) -> torch.Tensor:
     batch, _, _, heads, head_dim = qkv.shape
     return qkv.new_empty((batch, idx.shape[1], heads, head_dim))
 
 
 def _reference_backward(
-    grad_out: torch.Tensor, qkv: torch.Tensor, idx: torch.Tensor, scale: Optional[float]
+    grad_out: torch.Tensor, qkv: torch.Tensor, idx: torch.Tensor, scale: float | None
 ) -> torch.Tensor:
     """Gradient of :func:`gathered_attention_reference` w.r.t. ``qkv``.
 
@@ -340,7 +345,7 @@ def _setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
     ctx.scale = scale
 
 
-def _backward(ctx: Any, grad_out: torch.Tensor) -> tuple[Optional[torch.Tensor], None, None]:
+def _backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, None, None]:
     qkv, idx = ctx.saved_tensors
     grad_qkv = None
     if ctx.needs_input_grad[0]:
@@ -357,7 +362,7 @@ _gathered_attention_op.register_autograd(_backward, setup_context=_setup_context
 def gathered_attention(
     qkv: torch.Tensor,
     idx: torch.Tensor,
-    scale: Optional[float] = None,
+    scale: float | None = None,
     *,
     backend: str = "auto",
     check_indices: bool = True,

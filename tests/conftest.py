@@ -9,13 +9,13 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import ctypes  # noqa: E402
-import gc  # noqa: E402
+import ctypes
+import gc
 
-import numpy as np  # noqa: E402
-import psutil  # noqa: E402
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import psutil
+import pytest
+import torch
 
 # One intra-op thread per test process: with pytest-xdist workers on 2 cores, more threads oversubscribe the
 # cores and small convolutions slow down a hundredfold.

@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from fixtures import ResCatNet
 from torch import nn
 
 import fxprune
-from fxprune.testing import ResCatNet, channel_recipe, prune_and_check
+from fxprune.testing import channel_recipe, prune_and_check
 from fxprune.work import count_work
 
 
@@ -56,6 +57,7 @@ def test_report_lists_widths_ratios_and_frozen_groups() -> None:
     rep = fxprune.report(model, pruned, X)
     assert rep.macs[0] == _macs(model) and 0.45 < rep.macs_ratio < 0.52
     assert rep.params_ratio < 1
-    assert ("body.0", "Conv2d", (32, 64), (pruned.get_submodule("body.0").in_channels, pruned.get_submodule("body.0").out_channels)) in rep.layers
+    body = pruned.get_submodule("body.0")
+    assert ("body.0", "Conv2d", (32, 64), (body.in_channels, body.out_channels)) in rep.layers
     text = str(rep)
     assert "MACs" in text and "body.0" in text and "frozen groups" in text and "model input" in text

@@ -64,7 +64,8 @@ def test_prune_with_an_inline_recipe_of_every_graph_rewriting_kind(tmp_path: Pat
     """``--recipe`` as YAML text, with stage kinds that have no channel target (heads, blocksparse, patches)."""
     out = tmp_path / "vit.fxp"
     recipe = ("stages: [{kind: heads, target: {sparsity: 0.5}}, "
-              "{kind: blocksparse, target: {sparsity: 0.5}, block: [16, 16], criterion: l2}, {kind: patches, keep: 0.5}]")
+              "{kind: blocksparse, target: {sparsity: 0.5}, block: [16, 16], criterion: l2}, "
+              "{kind: patches, keep: 0.5}]")
     code = main(["prune", "timm:deit_tiny_patch16_224", "--input-size", "64", "--recipe", recipe, "--runs", "1",
                  "--out", str(out)])
     printed = capsys.readouterr().out

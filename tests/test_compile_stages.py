@@ -17,7 +17,8 @@ class TinyProposal(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.body = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, stride=2, padding=1))
+        self.body = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.ReLU(),
+                                  nn.Conv2d(8, 8, 3, stride=2, padding=1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.body(x)
@@ -36,7 +37,7 @@ RECIPES["all"] = [RECIPES["heads"][0], {"kind": "channels", "target": {"flops": 
 @pytest.fixture(scope="module")
 def vit() -> tuple[nn.Module, torch.Tensor]:
     torch.manual_seed(0)
-    fxprune.patches.register_proposal("compile-test:tiny", TinyProposal().eval())
+    fxprune.stages.patches.register_proposal("compile-test:tiny", TinyProposal().eval())
     model = VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=4, hidden_dim=64, mlp_dim=128,
                               num_classes=5).eval()
     return model, torch.randn(2, 3, 32, 32)

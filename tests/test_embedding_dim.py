@@ -22,6 +22,7 @@ import timm
 import torch
 import torch.nn.functional as F
 from torch import nn
+from vit_models import torchvision_vit
 
 import fxprune
 from fxprune.errors import BudgetError, RecipeError
@@ -29,8 +30,6 @@ from fxprune.plan import Plan
 from fxprune.recipe import Recipe
 from fxprune.testing import analyze_model, assert_compiles, frozen_of, masked_layer_norm, prune_and_check
 from fxprune.work import count_work
-
-from vit_models import torchvision_vit
 
 RENORM = {"stages": [{"kind": "channels", "target": {"sparsity": 0.5}, "layer_norm": "renormalize"}]}
 FREEZE = {"stages": [{"kind": "channels", "target": {"sparsity": 0.5}}]}
@@ -53,7 +52,8 @@ def test_masked_layer_norm_equals_norm_of_the_kept_slice(rms: bool) -> None:
     # nothing removed: exactly the ordinary norm
     full = torch.ones(10, dtype=torch.bool)
     plain = F.rms_norm(x, (10,), w, 1e-5) if rms else F.layer_norm(x, (10,), w, b, 1e-5)
-    torch.testing.assert_close(masked_layer_norm(x, full, w, None if rms else b, 1e-5, rms), plain, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(masked_layer_norm(x, full, w, None if rms else b, 1e-5, rms), plain,
+                               atol=1e-5, rtol=1e-5)
 
 
 def test_masked_layer_norm_two_normalized_dims() -> None:

@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import collections
 import os
-from typing import Callable
+from collections.abc import Callable
 
-import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings

@@ -24,7 +24,7 @@ def test_readme_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ca
     code = _first_python_block()
     assert "fxprune.compile(" in code
     namespace: dict = {"__name__": "readme_example"}
-    exec(compile(code, str(README), "exec"), namespace)  # noqa: S102  (our own README)
+    exec(compile(code, str(README), "exec"), namespace)
     printed = capsys.readouterr().out
     assert "MACs" in printed and "params" in printed  # the report table was printed
     model, pruned, x = namespace["model"], namespace["pruned"], namespace["x"]
@@ -49,7 +49,7 @@ def test_readme_vit_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
         image_size=224, patch_size=16, num_layers=2, num_heads=4, hidden_dim=64, mlp_dim=256))
     namespace: dict = {"__name__": "readme_example", "torch": torch, "torchvision": torchvision, "fxprune": fxprune,
                        "x": torch.randn(1, 3, 224, 224)}
-    exec(compile(blocks[1], str(README), "exec"), namespace)  # noqa: S102  (our own README)
+    exec(compile(blocks[1], str(README), "exec"), namespace)
     vit, small, x = namespace["vit"], namespace["small"], namespace["x"]
     kinds = [r["pass"] for r in small.fxprune_plan.rewrites]
     assert kinds == ["blocksparse", "patches"] and small.fxprune_plan.kept  # heads + channels shrank too

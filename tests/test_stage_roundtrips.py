@@ -73,7 +73,7 @@ def _evaluate(model: nn.Module) -> float:
 @pytest.fixture(scope="module", autouse=True)
 def _proposal() -> None:
     torch.manual_seed(1)
-    fxprune.patches.register_proposal(PROPOSAL, TinyProposal().eval())
+    fxprune.stages.patches.register_proposal(PROPOSAL, TinyProposal().eval())
 
 
 def _prune(kind: str) -> tuple[nn.Module, nn.Module]:

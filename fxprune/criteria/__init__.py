@@ -3,5 +3,3 @@ from . import bn_scale, catro, dimap, hessian, lamp, magnitude, random, taylor  
 from .base import Criterion, ScoreContext, available, get_criterion, register_criterion
 
 __all__ = ["Criterion", "ScoreContext", "available", "get_criterion", "register_criterion"]
-
-from .. import iterative  # noqa: E402,F401  (registers the "iterative" stage; needs the names above)

@@ -5,15 +5,16 @@ Criteria read parameter values only through the op rules' ``param_slices`` (tagg
 from __future__ import annotations
 
 import difflib
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 
+from ..analysis import Analysis
 from ..errors import RecipeError
-from ..graph.dependency import Analysis
-from ..graph.space import arange
+from ..ir.space import arange
 
 
 @dataclass

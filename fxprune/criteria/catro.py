@@ -36,7 +36,7 @@ import numpy as np
 import torch
 import torch.fx as fx
 
-from ..graph.dependency import Analysis
+from ..analysis import Analysis
 from .base import ScoreContext, register_criterion
 from .taylor import iter_batches
 

@@ -24,7 +24,7 @@ import logging
 import numpy as np
 import torch
 
-from ..graph.dependency import Analysis
+from ..analysis import Analysis
 from .base import ScoreContext, register_criterion, slot_values, unit_sum
 from .lamp import lamp_scores
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..graph.dependency import Analysis
+from ..analysis import Analysis
 from .base import ScoreContext, register_criterion
 
 

@@ -21,7 +21,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -29,9 +30,9 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from ..analysis import Analysis
 from ..errors import FxPruneError
 from ..outputs import tensors_of
-from ..graph.dependency import Analysis
 from .base import ScoreContext, register_criterion, slot_values, unit_sum
 
 log = logging.getLogger(__name__)
@@ -57,7 +58,8 @@ def split_batch(batch: Any) -> tuple[tuple, torch.Tensor | None]:
                        f"got {type(batch).__name__}")
 
 
-def iter_batches(ctx: ScoreContext, criterion: str, *, labels: bool = False) -> Iterator[tuple[tuple, torch.Tensor | None]]:
+def iter_batches(ctx: ScoreContext, criterion: str, *,
+                 labels: bool = False) -> Iterator[tuple[tuple, torch.Tensor | None]]:
     """Yield ``(inputs, labels)`` from ``ctx.data``; raise ``FxPruneError`` naming ``criterion`` if it is missing,
     empty, or (with ``labels=True``) unlabeled."""
     if ctx.data is None:

@@ -9,7 +9,6 @@ zeroing it in the original module.
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -32,8 +31,8 @@ class PrunedMultiheadAttention(nn.Module):
     """
 
     def __init__(self, embed_dim: int, num_heads: int, qk_dim: int, v_dim: int, scale: float, *,
-                 batch_first: bool = False, dropout: float = 0.0, bias: bool = True, in_dim: Optional[int] = None,
-                 out_dim: Optional[int] = None) -> None:
+                 batch_first: bool = False, dropout: float = 0.0, bias: bool = True, in_dim: int | None = None,
+                 out_dim: int | None = None) -> None:
         super().__init__()
         self.embed_dim = embed_dim
         self.in_dim = in_dim or embed_dim
@@ -49,7 +48,7 @@ class PrunedMultiheadAttention(nn.Module):
         nn.init.xavier_uniform_(self.in_proj_weight)
 
     @classmethod
-    def from_torch(cls, m: nn.MultiheadAttention) -> "PrunedMultiheadAttention":
+    def from_torch(cls, m: nn.MultiheadAttention) -> PrunedMultiheadAttention:
         """An exact copy of a (packed, bias_k-free) ``nn.MultiheadAttention``."""
         if not m._qkv_same_embed_dim or m.bias_k is not None or m.add_zero_attn:
             raise ValueError("only nn.MultiheadAttention with a packed in_proj_weight, no bias_k/bias_v and "
@@ -77,7 +76,7 @@ class PrunedMultiheadAttention(nn.Module):
         return torch.cat([q_rows, k_rows, v_rows])
 
     def select(self, heads: torch.Tensor, qk: torch.Tensor, v: torch.Tensor, inputs: torch.Tensor,
-               outputs: torch.Tensor) -> "PrunedMultiheadAttention":
+               outputs: torch.Tensor) -> PrunedMultiheadAttention:
         """A new module keeping the given heads, q/k head features, v head features, input and output features."""
         dev = self.in_proj_weight.device
         heads, qk, v, inputs, outputs = (t.to(dev) for t in (heads, qk, v, inputs, outputs))
@@ -97,8 +96,8 @@ class PrunedMultiheadAttention(nn.Module):
                 new.out_proj.bias = None
         return new.to(dev, self.in_proj_weight.dtype).train(self.training)
 
-    def _mask(self, attn_mask: Optional[torch.Tensor], key_padding_mask: Optional[torch.Tensor], batch: int,
-              dtype: torch.dtype) -> Optional[torch.Tensor]:
+    def _mask(self, attn_mask: torch.Tensor | None, key_padding_mask: torch.Tensor | None, batch: int,
+              dtype: torch.dtype) -> torch.Tensor | None:
         """One additive float mask broadcasting onto ``(batch, heads, L, S)``, or ``None``."""
         mask = None
         for m, shape in ((attn_mask, None), (key_padding_mask, (batch, 1, 1, -1))):
@@ -114,9 +113,9 @@ class PrunedMultiheadAttention(nn.Module):
         return mask
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                key_padding_mask: Optional[torch.Tensor] = None, need_weights: bool = True,
-                attn_mask: Optional[torch.Tensor] = None, average_attn_weights: bool = True,
-                is_causal: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+                key_padding_mask: torch.Tensor | None = None, need_weights: bool = True,
+                attn_mask: torch.Tensor | None = None, average_attn_weights: bool = True,
+                is_causal: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Same signature and results as ``nn.MultiheadAttention.forward`` (2-D ``attn_mask`` only)."""
         packed = query is key and key is value  # self-attention: one packed projection
         if not self.batch_first:
@@ -140,7 +139,8 @@ class PrunedMultiheadAttention(nn.Module):
             if mask is not None:
                 scores = scores + mask
             elif is_causal:
-                scores = scores.masked_fill(torch.ones(n_q, n_k, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+                future = torch.ones(n_q, n_k, dtype=torch.bool, device=q.device).triu(1)
+                scores = scores.masked_fill(future, float("-inf"))
             weights = scores.softmax(-1)
             out = F.dropout(weights, p, self.training) @ v
             weights = weights.mean(1) if average_attn_weights else weights

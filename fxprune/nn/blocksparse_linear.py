@@ -23,7 +23,7 @@ rebuilt from the blocks (``weight_from_blocks``); onnxruntime folds that weight 
 from __future__ import annotations
 
 import logging
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +33,7 @@ from fxprune.kernels.blocksparse_matmul import bsr_to_dense, dense_to_bsr
 
 __all__ = ["BlockSparseLinear"]
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 
 class BlockSparseLinear(nn.Module):
@@ -45,8 +45,8 @@ class BlockSparseLinear(nn.Module):
     """
 
     def __init__(self, in_features: int, out_features: int, block_shape: tuple[int, int],
-                 nnz_blocks: int = 0, bias: bool = True, device: Optional[torch.device] = None,
-                 dtype: Optional[torch.dtype] = None) -> None:
+                 nnz_blocks: int = 0, bias: bool = True, device: torch.device | None = None,
+                 dtype: torch.dtype | None = None) -> None:
         super().__init__()
         bn, bk = int(block_shape[0]), int(block_shape[1])
         if bn <= 0 or bk <= 0 or out_features % bn or in_features % bk:
@@ -69,7 +69,7 @@ class BlockSparseLinear(nn.Module):
         self._cache_version = -1
 
     @classmethod
-    def from_dense(cls, linear: nn.Linear, block_mask: torch.Tensor) -> "BlockSparseLinear":
+    def from_dense(cls, linear: nn.Linear, block_mask: torch.Tensor) -> BlockSparseLinear:
         """Keep the blocks of ``linear.weight`` where ``block_mask`` (bool ``[N // BN, K // BK]``) is True."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_dense expects an nn.Linear, got {type(linear).__name__}")
@@ -91,8 +91,8 @@ class BlockSparseLinear(nn.Module):
             if linear.bias is not None:
                 module.bias.copy_(linear.bias.detach())
         module.refresh_dense_cache()
-        logger.debug("BlockSparseLinear.from_dense: kept %d/%d blocks of shape %s",
-                     values.shape[0], n_rows * n_cols, block_shape)
+        log.debug("BlockSparseLinear.from_dense: kept %d/%d blocks of shape %s",
+                  values.shape[0], n_rows * n_cols, block_shape)
         return module
 
     @property
@@ -140,12 +140,12 @@ class BlockSparseLinear(nn.Module):
                 self.dense_cache = dense
         self._cache_version = self.values._version
 
-    def _apply(self, fn: Any, recurse: bool = True) -> "BlockSparseLinear":
+    def _apply(self, fn: Any, recurse: bool = True) -> BlockSparseLinear:
         super()._apply(fn, recurse)  # .to(device / dtype), .half(), ...: the cache follows the blocks
         self.refresh_dense_cache()
         return self
 
-    def train(self, mode: bool = True) -> "BlockSparseLinear":
+    def train(self, mode: bool = True) -> BlockSparseLinear:
         super().train(mode)
         if not mode:
             self.refresh_dense_cache()

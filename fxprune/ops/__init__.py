@@ -1,7 +1,18 @@
 """Op rules, one module per op family. Importing this package registers them all."""
-from . import concat, conv, elementwise, io, linear, norm, reshape, split  # noqa: F401  (registration)
-from . import attention, attention_mha  # noqa: F401  (registration: sdpa, matmul, head reshapes, MHA)
-from . import maxvit, window_attention  # noqa: F401  (registration: torchvision MaxViT and Swin attention)
+from . import (  # noqa: F401  (importing a rule module registers its rules)
+    attention,
+    attention_mha,
+    concat,
+    conv,
+    elementwise,
+    io,
+    linear,
+    maxvit,
+    norm,
+    reshape,
+    split,
+    window_attention,
+)
 from .registry import OpRule, lookup, module_rule, register_functions, register_op
 
 norm.register_torchvision()

@@ -13,25 +13,26 @@ A reshape that splits ``3·H·D`` into ``(3, H, D)`` (or merges ``(H, D)`` back 
 through only one factor. ``head_factor_hint`` (registered with the reshape rule) picks the factor that reaches an
 attention op's head dim, so whole heads are the units and the ``num_heads`` constant is rewritten. A unit cannot be
 both "head h" and "feature d of every head", so head-dim pruning of packed ``qkv`` layouts analyses the graph again
-inside ``prefer_factor("head_dim")`` (the ``head_dim`` stage, ``fxprune/head_dim.py``). ``nn.MultiheadAttention``
-(``attention_mha.py``) keeps heads and head dims as separate internal axes, so channel stages prune both.
+with the analysis option ``{"qkv_factor": "head_dim"}`` (the ``head_dim`` stage, ``fxprune/stages/head_dim.py``).
+``nn.MultiheadAttention`` (``attention_mha.py``) keeps heads and head dims as separate internal axes, so channel
+stages prune both.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import operator
 import sys
-from typing import Any, Iterator
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from ..graph.coupling import Coupling
-from ..graph.space import Port, Space
-from ..passes.context import RewriteContext, SizeContext
-from ..trace import TensorSpec, spec_of
+from ..ir.context import RewriteContext, SizeContext
+from ..ir.coupling import Coupling
+from ..ir.space import Port, Space
+from ..ir.spec import TensorSpec, spec_of
 from .registry import OpRule, arg, register_functions, register_op
 from .reshape import register_factor_hint
 
@@ -183,24 +184,23 @@ def register_timm() -> None:
 # -- which factor of a reshape is the heads factor ----------------------------------------------------------------
 _ATTENTION = (F.scaled_dot_product_attention, *MATMUL_TARGETS)
 _MAX_DEPTH = 8
-_FACTOR = ["heads"]  # which factor the hint prefers: "heads" (default) or "head_dim" (the ``head_dim`` stage)
+#: the analysis option naming the factor packed-``qkv`` reshapes carry channels through: ``"heads"`` (default) or
+#: ``"head_dim"`` (the ``head_dim`` stage analyses with ``{QKV_FACTOR: "head_dim"}``)
+QKV_FACTOR = "qkv_factor"
+QKV_FACTORS = ("heads", "head_dim")
 
 
-@contextlib.contextmanager
-def prefer_factor(kind: str) -> Iterator[None]:
-    """Inside, packed-``qkv`` reshapes carry channels through ``kind``: ``"heads"`` or ``"head_dim"``."""
-    if kind not in ("heads", "head_dim"):
-        raise ValueError(f"kind must be 'heads' or 'head_dim', got {kind!r}")
-    _FACTOR.append(kind)
-    try:
-        yield
-    finally:
-        _FACTOR.pop()
+def preferred_factor(options: Mapping[str, Any]) -> str:
+    """The packed-``qkv`` factor the analysis ``options`` prefer: ``"heads"`` or ``"head_dim"``."""
+    kind = options.get(QKV_FACTOR, "heads")
+    if kind not in QKV_FACTORS:
+        raise ValueError(f"analysis option {QKV_FACTOR!r} must be 'heads' or 'head_dim', got {kind!r}")
+    return str(kind)
 
 
-def _wanted(user: fx.Node, node: fx.Node, dim: int, ndim: int) -> bool:
-    """Whether ``node``'s dim ``dim`` is, at the attention op ``user``, the preferred factor."""
-    if _FACTOR[-1] == "heads":
+def _wanted(user: fx.Node, node: fx.Node, dim: int, ndim: int, factor: str) -> bool:
+    """Whether ``node``'s dim ``dim`` is, at the attention op ``user``, the preferred ``factor``."""
+    if factor == "heads":
         return dim == head_dim_of(ndim)
     if ndim < 4:
         return False
@@ -229,7 +229,7 @@ def _perm(node: fx.Node, ndim: int) -> list[int] | None:
     return None
 
 
-def _reaches_heads(node: fx.Node, dim: int, depth: int = 0) -> bool:
+def _reaches_heads(node: fx.Node, dim: int, factor: str, depth: int = 0) -> bool:
     """Whether dim ``dim`` of ``node``'s output flows (through layout and same-shape ops) into an attention op's
     head dim."""
     if depth > _MAX_DEPTH:
@@ -237,49 +237,52 @@ def _reaches_heads(node: fx.Node, dim: int, depth: int = 0) -> bool:
     shape = _shape(node)
     for user in node.users:
         if _is_attention(user):
-            if node in user.args[:3] and shape is not None and _wanted(user, node, dim, len(shape)):
+            if node in user.args[:3] and shape is not None and _wanted(user, node, dim, len(shape), factor):
                 return True
             continue
         if shape is None:  # a tuple (unbind/chunk): its getitems keep the dim
-            if user.target is operator.getitem and _reaches_heads(user, dim, depth + 1):
+            if user.target is operator.getitem and _reaches_heads(user, dim, factor, depth + 1):
                 return True
             continue
         perm = _perm(user, len(shape)) if user.op in ("call_method", "call_function") else None
         if perm is not None:
-            if _reaches_heads(user, perm.index(dim), depth + 1):
+            if _reaches_heads(user, perm.index(dim), factor, depth + 1):
                 return True
         elif user.target in ("unbind", torch.unbind):
             u = int(arg(user, 1, "dim", 0)) % len(shape)
-            if u != dim and _reaches_heads(user, dim - (dim > u), depth + 1):
+            if u != dim and _reaches_heads(user, dim - (dim > u), factor, depth + 1):
                 return True
         elif user.target in ("chunk", "split", torch.chunk, torch.split):
-            if _reaches_heads(user, dim, depth + 1):
+            if _reaches_heads(user, dim, factor, depth + 1):
                 return True
-        elif _shape(user) == shape and _reaches_heads(user, dim, depth + 1):
+        elif _shape(user) == shape and _reaches_heads(user, dim, factor, depth + 1):
             return True
     return False
 
 
-def _comes_from_heads(node: Any, dim: int, depth: int = 0) -> bool:
+def _comes_from_heads(node: Any, dim: int, factor: str, depth: int = 0) -> bool:
     """Whether dim ``dim`` of ``node``'s output comes (through layout and same-shape ops) from an attention op's
     head dim."""
     shape = _shape(node)
     if depth > _MAX_DEPTH or not isinstance(node, fx.Node) or shape is None:
         return False
     if _is_attention(node):
-        return dim == (head_dim_of(len(shape)) if _FACTOR[-1] == "heads" else len(shape) - 1)
+        return dim == (head_dim_of(len(shape)) if factor == "heads" else len(shape) - 1)
     perm = _perm(node, len(shape)) if node.op in ("call_method", "call_function") else None
     if perm is not None:
-        return _comes_from_heads(node.args[0], perm[dim], depth + 1)
+        return _comes_from_heads(node.args[0], perm[dim], factor, depth + 1)
     src = node.args[0] if node.args else None
-    return _shape(src) == shape and _comes_from_heads(src, dim, depth + 1)
+    return _shape(src) == shape and _comes_from_heads(src, dim, factor, depth + 1)
 
 
 @register_factor_hint
-def head_factor_hint(node: fx.Node, splits: bool, dim: int) -> bool:
-    """Prefer the reshape factor that is an attention head dim, or inside ``prefer_factor("head_dim")`` the
-    per-head feature dim (``splits``: ``dim`` is on the output, else on the input)."""
-    return _reaches_heads(node, dim) if splits else _comes_from_heads(node.args[0], dim)
+def head_factor_hint(node: fx.Node, splits: bool, dim: int, options: Mapping[str, Any]) -> bool:
+    """Prefer the reshape factor that is an attention head dim, or with the analysis option
+    ``{"qkv_factor": "head_dim"}`` the per-head feature dim (``splits``: ``dim`` is on the output, else on the
+    input)."""
+    factor = preferred_factor(options)
+    return _reaches_heads(node, dim, factor) if splits else _comes_from_heads(node.args[0], dim, factor)
 
 
-__all__ = ["SdpaRule", "MatmulRule", "ScoresShapeRule", "register_timm", "head_factor_hint", "prefer_factor", "head_dim_of", "KEY_TOKENS_REASON"]
+__all__ = ["SdpaRule", "MatmulRule", "ScoresShapeRule", "register_timm", "head_factor_hint", "preferred_factor",
+           "QKV_FACTOR", "QKV_FACTORS", "head_dim_of", "KEY_TOKENS_REASON"]

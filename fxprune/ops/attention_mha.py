@@ -22,10 +22,10 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from ..graph.coupling import Coupling
-from ..graph.space import Space
+from ..ir.context import RewriteContext, SizeContext
+from ..ir.coupling import Coupling
+from ..ir.space import Space
 from ..nn.attention import PrunedMultiheadAttention
-from ..passes.context import RewriteContext, SizeContext
 from .attention import KEY_TOKENS_REASON
 from .registry import OpRule, arg, register_op
 from .tensor_attr import index_tensor, resolve
@@ -103,7 +103,8 @@ class MultiheadAttentionRule(OpRule):
         return [Space("@" + str(node.target), 0, QK_DIM), Space("@" + str(node.target), 0, V_DIM)]
 
     def frozen_reason(self, node: fx.Node, space: Space) -> str:
-        return f"multi-head attention keeps dim {space.dim} of '{space.owner}' (mask or key tokens): {node.format_node()}"
+        return (f"multi-head attention keeps dim {space.dim} of '{space.owner}' (mask or key tokens): "
+                f"{node.format_node()}")
 
     # -- rewriting ------------------------------------------------------------------------------------------------
     def _kept(self, m: nn.Module, path: str, r: RewriteContext) -> list[torch.Tensor]:

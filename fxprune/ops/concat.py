@@ -4,8 +4,8 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from ..graph.coupling import Coupling
-from ..graph.space import arange
+from ..ir.coupling import Coupling
+from ..ir.space import arange
 from .registry import OpRule, arg, register_op
 
 

@@ -12,9 +12,9 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from ..graph.coupling import Coupling
-from ..graph.space import arange
-from ..passes.context import RewriteContext, SizeContext
+from ..ir.context import RewriteContext, SizeContext
+from ..ir.coupling import Coupling
+from ..ir.space import arange
 from .registry import OpRule, register_op
 from .tensor_attr import index_tensor, slice_attr
 

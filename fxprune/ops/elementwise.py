@@ -10,7 +10,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from ..graph.coupling import Coupling
+from ..ir.coupling import Coupling
 from .registry import OpRule, arg, register_op
 
 # Elementwise on every tensor argument (broadcasting): activations, arithmetic, casts, dropout, identity.
@@ -123,7 +123,8 @@ class ReductionRule(OpRule):
             j += 1
 
 
-@register_op(F.softmax, F.log_softmax, torch.softmax, torch.log_softmax, "softmax", "log_softmax", nn.Softmax, nn.LogSoftmax)
+@register_op(F.softmax, F.log_softmax, torch.softmax, torch.log_softmax, "softmax", "log_softmax", nn.Softmax,
+             nn.LogSoftmax)
 class SoftmaxRule(OpRule):
     """Softmax normalizes along one dim (frozen); others pass through."""
 

@@ -7,8 +7,8 @@ import numpy as np
 import torch
 import torch.fx as fx
 
-from ..graph.coupling import Coupling
-from ..passes.context import RewriteContext, SizeContext
+from ..ir.context import RewriteContext, SizeContext
+from ..ir.coupling import Coupling
 from .registry import OpRule, register_op
 from .tensor_attr import index_tensor, resolve, slice_attr
 

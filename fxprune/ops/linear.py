@@ -9,8 +9,8 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from ..graph.coupling import Coupling
-from ..passes.context import RewriteContext, SizeContext
+from ..ir.context import RewriteContext, SizeContext
+from ..ir.coupling import Coupling
 from .registry import OpRule, arg, register_op
 from .tensor_attr import index_tensor, slice_attr
 

@@ -24,9 +24,9 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from ..graph.coupling import Coupling
-from ..graph.space import Space
-from ..passes.context import RewriteContext, SizeContext
+from ..ir.context import RewriteContext, SizeContext
+from ..ir.coupling import Coupling
+from ..ir.space import Space
 from .maxvit_attention import PrunedRelPosAttention, RelativePositionalMultiHeadAttention, layout, merge_cols, qkv_rows
 from .registry import OpRule, register_op
 from .tensor_attr import index_tensor, resolve
@@ -85,7 +85,8 @@ class RelPosAttentionRule(OpRule):
         none = gone[:0]
         with torch.no_grad():
             if axis in (HEADS, QK_DIM, V_DIM):
-                pick = {HEADS: (gone, every[1], every[2]), QK_DIM: (every[0], gone, none), V_DIM: (every[0], none, gone)}[axis]
+                pick = {HEADS: (gone, every[1], every[2]), QK_DIM: (every[0], gone, none),
+                        V_DIM: (every[0], none, gone)}[axis]
                 rows = torch.cat([r.reshape(-1) for r in qkv_rows(m, *pick)])
                 m.to_qkv.weight[rows] = 0
                 if m.to_qkv.bias is not None:
@@ -123,7 +124,8 @@ class RelPosAttentionRule(OpRule):
             cols = merge_cols(m, every[0], t).t()
         out = [("weight", w[rows.reshape(-1)].reshape(len(t), -1))]
         if cols is not None:
-            out.append(("weight_in", wm[:, cols.reshape(-1)].reshape(-1, *cols.shape).permute(1, 0, 2).reshape(len(t), -1)))
+            read = wm[:, cols.reshape(-1)].reshape(-1, *cols.shape).permute(1, 0, 2)
+            out.append(("weight_in", read.reshape(len(t), -1)))
         if axis == HEADS:
             out.append(("attr", m.relative_position_bias_table.detach()[:, t].t()))
         if m.to_qkv.bias is not None:

@@ -45,7 +45,7 @@ class PrunedRelPosAttention(_Base):
 
     @classmethod
     def select(cls, m: nn.Module, heads: torch.Tensor, qk: torch.Tensor, v: torch.Tensor, inputs: torch.Tensor,
-               outputs: torch.Tensor) -> "PrunedRelPosAttention":
+               outputs: torch.Tensor) -> PrunedRelPosAttention:
         """A new module keeping ``heads``, per-head q/k features ``qk`` and v features ``v``, input features
         ``inputs`` and output features ``outputs`` of ``m``."""
         new = cls.__new__(cls)
@@ -57,7 +57,8 @@ class PrunedRelPosAttention(_Base):
         new.to_qkv = _linear(m.to_qkv, rows, inputs)
         new.merge = _linear(m.merge, outputs, cols)
         table = m.relative_position_bias_table
-        new.relative_position_bias_table = nn.Parameter(table.detach()[:, heads].clone(), requires_grad=table.requires_grad)
+        new.relative_position_bias_table = nn.Parameter(table.detach()[:, heads].clone(),
+                                                        requires_grad=table.requires_grad)
         new.register_buffer("relative_position_index", m.relative_position_index.clone())
         new.train(m.training)
         return new

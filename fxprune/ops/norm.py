@@ -13,11 +13,16 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from ..graph.coupling import Coupling
-from ..graph.space import arange
-from ..passes.context import RewriteContext, SizeContext
-from .norm_renormalize import (norm_param_count, renormalizing, rewrite_normalized_shape, shrink_norm_module,
-                               tie_normalized_params)
+from ..ir.context import RewriteContext, SizeContext
+from ..ir.coupling import Coupling
+from ..ir.space import arange
+from .norm_renormalize import (
+    norm_param_count,
+    renormalizing,
+    rewrite_normalized_shape,
+    shrink_norm_module,
+    tie_normalized_params,
+)
 from .registry import OpRule, arg, register_functions, register_op
 from .tensor_attr import index_tensor, slice_attr
 

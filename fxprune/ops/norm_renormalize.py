@@ -24,9 +24,9 @@ from typing import Any
 import torch.fx as fx
 from torch import nn
 
-from ..graph.coupling import Coupling
-from ..graph.space import Port, Space
-from ..passes.context import RewriteContext, SizeContext
+from ..ir.context import RewriteContext, SizeContext
+from ..ir.coupling import Coupling
+from ..ir.space import Port, Space
 from .tensor_attr import slice_attr
 
 FREEZE = "freeze"

@@ -12,17 +12,17 @@ Example:
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import numpy as np
 import torch
 import torch.fx as fx
 from torch import nn
 
-if TYPE_CHECKING:
-    from ..graph.coupling import Coupling
-    from ..graph.space import Port, Space
-    from ..passes.context import RewriteContext, SizeContext
+from ..ir.context import RewriteContext, SizeContext
+from ..ir.coupling import Coupling
+from ..ir.space import Port, Space
 
 log = logging.getLogger(__name__)
 
@@ -36,36 +36,44 @@ class OpRule:
 
     name = "unsupported"
 
-    def couple(self, node: fx.Node, c: "Coupling") -> None:
+    def couple(self, node: fx.Node, c: Coupling) -> None:
         """State ties / frees between the node's tensors and parameter axes. Uncovered slots are frozen."""
 
-    def scope(self, node: fx.Node, c: "Coupling") -> list["Port"]:
+    def scope(self, node: fx.Node, c: Coupling) -> list[Port]:
         """The tensors whose every slot this rule must cover: inputs read and outputs produced."""
         return c.ports(list(node.all_input_nodes)) + c.ports(node)
 
-    def frozen_reason(self, node: fx.Node, space: "Space") -> str:
+    def frozen_reason(self, node: fx.Node, space: Space) -> str:
         """Why slots of ``space`` that this rule does not cover are frozen."""
         if self.name == "unsupported":
             return f"unsupported op: {node.format_node()}"
         return f"{self.name} cannot shrink dim {space.dim} of '{space.owner}': {node.format_node()}"
 
-    def rewrite_node(self, node: fx.Node, r: "RewriteContext") -> None:
+    def rewrite_node(self, node: fx.Node, r: RewriteContext) -> None:
         """Rewrite graph constants (sizes, indices) of ``node`` for the shrunk shapes."""
 
-    def shrink_module(self, gm: fx.GraphModule, path: str, r: "RewriteContext") -> None:
+    def shrink_module(self, gm: fx.GraphModule, path: str, r: RewriteContext) -> None:
         """Slice the parameters, buffers and attributes of the module (or tensor attribute) at ``path``."""
 
     def param_slices(self, gm: fx.GraphModule, path: str, axis: int, idx: np.ndarray) -> list[tuple[str, torch.Tensor]]:
         """For each index of a parameter axis, the values that channel owns: ``[(role, Tensor[len(idx), -1])]``."""
         return []
 
-    def macs(self, node: fx.Node, s: "SizeContext") -> int:
+    def macs(self, node: fx.Node, s: SizeContext) -> int:
         """Multiply-accumulates of the node at the (possibly shrunk) sizes of ``s``."""
         return 0
 
-    def param_count(self, gm: fx.GraphModule, path: str, s: "SizeContext") -> int:
+    def param_count(self, gm: fx.GraphModule, path: str, s: SizeContext) -> int:
         """Parameters of the module at ``path`` at the shrunk sizes of ``s``."""
         return sum(p.numel() for p in gm.get_submodule(path).parameters(recurse=False))
+
+    def head_spaces(self, node: fx.Node) -> list[Space]:
+        """The spaces of ``node`` whose slots are whole attention heads (the ``heads`` stage prunes their groups)."""
+        return []
+
+    def head_dim_spaces(self, node: fx.Node) -> list[Space]:
+        """The per-head feature dims of ``node``'s queries/keys and values (pruned by the ``head_dim`` stage)."""
+        return []
 
 
 _MODULES: dict[type, OpRule] = {}
@@ -99,7 +107,8 @@ def register_op(*targets: Any, fx_op: str | None = None) -> Callable[[type[OpRul
 
 def register_functions(rule_cls: type[OpRule], targets: Iterable[Any]) -> None:
     """Register more targets for an already registered rule class (e.g. optional third-party functions)."""
-    rule = next((r for r in [*_FUNCTIONS.values(), *_MODULES.values(), *_METHODS.values()] if type(r) is rule_cls), rule_cls())
+    known = [*_FUNCTIONS.values(), *_MODULES.values(), *_METHODS.values()]
+    rule = next((r for r in known if type(r) is rule_cls), rule_cls())
     for t in targets:
         if isinstance(t, str):
             _METHODS[t] = rule

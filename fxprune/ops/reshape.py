@@ -10,16 +10,17 @@ from __future__ import annotations
 
 import builtins
 import math
-from typing import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 import torch.fx as fx
 from torch import nn
 
-from ..graph.coupling import Coupling, Tie, make_tie
-from ..graph.space import Port, arange
-from ..passes.context import RewriteContext
-from ..trace import spec_of
+from ..ir.context import RewriteContext
+from ..ir.coupling import Coupling, Tie, make_tie
+from ..ir.space import Port, arange
+from ..ir.spec import spec_of
 from .registry import OpRule, arg, register_op
 
 
@@ -44,9 +45,10 @@ def reshape_blocks(a: tuple[int, ...], b: tuple[int, ...]) -> list[tuple[list[in
     return out
 
 
-#: ``hint(node, splits, dim) -> bool``: prefer factor ``dim`` of a split (on the node's output, ``splits``) or of a
-#: merge (on its input). A hint that singles out one factor turns the choice into firm ties (e.g. attention heads).
-FactorHint = Callable[[fx.Node, bool, int], bool]
+#: ``hint(node, splits, dim, options) -> bool``: prefer factor ``dim`` of a split (on the node's output, ``splits``)
+#: or of a merge (on its input), under the analysis ``options``. A hint that singles out one factor turns the choice
+#: into firm ties (e.g. attention heads).
+FactorHint = Callable[[fx.Node, bool, int, Mapping[str, Any]], bool]
 _FACTOR_HINTS: list[FactorHint] = []
 
 
@@ -57,7 +59,7 @@ def register_factor_hint(fn: FactorHint) -> FactorHint:
 
 
 def _choose_factor(c: Coupling, options: list[list[Tie]], dims: list[int], splits: bool) -> None:
-    hinted = [i for i, d in enumerate(dims) if any(h(c.node, splits, d) for h in _FACTOR_HINTS)]
+    hinted = [i for i, d in enumerate(dims) if any(h(c.node, splits, d, c.options) for h in _FACTOR_HINTS)]
     if len(hinted) == 1:
         c.ties.extend(options[hinted[0]])
     else:
@@ -100,8 +102,9 @@ def _rewrite_sizes(sizes: list, new_shape: tuple[int, ...], old_shape: tuple[int
     shrank, since its source need not shrink with it (``reshape(B, N, C)`` with ``C`` read off the input, after
     attention heads were removed)."""
     old_shape = old_shape or new_shape
-    return [new_shape[d] if (isinstance(s, int) and s != -1) or (isinstance(s, fx.Node) and new_shape[d] != old_shape[d])
-            else s for d, s in enumerate(sizes)]
+    return [new_shape[d]
+            if (isinstance(s, int) and s != -1) or (isinstance(s, fx.Node) and new_shape[d] != old_shape[d]) else s
+            for d, s in enumerate(sizes)]
 
 
 @register_op(torch.flatten, torch.squeeze, torch.unsqueeze, torch.reshape, torch.unflatten, nn.Flatten,

@@ -7,12 +7,11 @@ import numpy as np
 import torch
 import torch.fx as fx
 
-from ..graph.coupling import Coupling
-from ..graph.space import Port, Space, arange
-from ..passes.context import RewriteContext
-from ..trace import TensorSpec, spec_of
+from ..ir.context import RewriteContext
+from ..ir.coupling import Coupling
+from ..ir.space import Port, Space, arange
+from ..ir.spec import TensorSpec, spec_of
 from .registry import OpRule, arg, register_op
-
 
 _INT_DTYPES = (torch.int64, torch.int32)
 

@@ -12,7 +12,7 @@ import sys
 import torch.fx as fx
 from torch import nn
 
-from ..graph.coupling import Coupling
+from ..ir.coupling import Coupling
 from .elementwise import ElementwiseRule
 from .norm import LAYER_NORM_REASON, BatchNormRule, GroupNormRule, LayerNormRule, _identity
 from .registry import module_rule, register_op

@@ -14,7 +14,7 @@ All of one head's slots form one unit, so pruning removes whole heads. The bias 
 whose constant is rewritten). The embedding dim of the input and of the output pass to ``qkv_weight``'s
 columns and ``proj_weight``'s rows.
 
-Under the ``head_dim`` stage (``prefer_factor("head_dim")``, see ``ops/attention.py``) the units are per-head
+Under the ``head_dim`` stage (analysis option ``qkv_factor: head_dim``, see ``ops/attention.py``) the units are per-head
 features instead (a unit cannot be both "head h" and "feature d"): feature ``d`` of every head's q and k (v1 only:
 v2's cosine attention normalizes over them, so they stay frozen) and feature ``d`` of every head's v with the
 ``proj`` columns reading it. The query scale is then pinned to the original ``head_dim ** -0.5``.
@@ -27,17 +27,17 @@ After shrinking, the node calls ``window_attention`` below: the same computation
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from ..graph.coupling import Coupling
-from ..graph.space import Port, Space, arange
-from ..passes.context import RewriteContext, SizeContext
-from ..trace import spec_of
+from ..ir.context import RewriteContext, SizeContext
+from ..ir.coupling import Coupling
+from ..ir.space import Port, Space, arange
+from ..ir.spec import spec_of
 from . import attention
 from .io import AttributeRule
 from .registry import OpRule, arg, register_functions, register_op
@@ -52,11 +52,6 @@ _ROLES = {("qkv_weight", 0): "weight", ("qkv_weight", 1): "weight_in", ("proj_we
           ("proj_weight", 1): "weight_in", ("qkv_bias", 0): "bias", ("proj_bias", 0): "bias"}
 BIAS_REASON = "relative position bias: window positions are fixed by the window size"
 COSINE_REASON = "cosine attention (Swin v2) normalizes q and k over their features (removing one changes the rest)"
-
-
-def _preferred() -> str:
-    """Which packed-qkv factor the current stage prunes: ``"heads"`` or ``"head_dim"`` (see ``ops/attention.py``)."""
-    return attention._FACTOR[-1]
 
 
 def _region_ids(size: int, window: int, shift: int, device: torch.device) -> torch.Tensor:
@@ -75,12 +70,12 @@ def window_attention(
     shift_size: Sequence[int],
     attention_dropout: float = 0.0,
     dropout: float = 0.0,
-    qkv_bias: Optional[torch.Tensor] = None,
-    proj_bias: Optional[torch.Tensor] = None,
-    logit_scale: Optional[torch.Tensor] = None,
+    qkv_bias: torch.Tensor | None = None,
+    proj_bias: torch.Tensor | None = None,
+    logit_scale: torch.Tensor | None = None,
     training: bool = True,
-    v_dim: Optional[int] = None,
-    scale: Optional[float] = None,
+    v_dim: int | None = None,
+    scale: float | None = None,
 ) -> torch.Tensor:
     """(Shifted) window multi-head self-attention whose inner widths may differ from the input's channels.
 
@@ -125,7 +120,8 @@ def window_attention(
         ids = ids.view(nh, wh, nw, ww).permute(0, 2, 1, 3).reshape(nh * nw, tokens)
         same = ids[:, None, :] == ids[:, :, None]
         mask = torch.where(same, 0.0, -100.0).to(attn.dtype)
-        attn = (attn.view(b, nh * nw, num_heads, tokens, tokens) + mask[None, :, None]).view(-1, num_heads, tokens, tokens)
+        attn = attn.view(b, nh * nw, num_heads, tokens, tokens) + mask[None, :, None]
+        attn = attn.view(-1, num_heads, tokens, tokens)
     attn = F.dropout(F.softmax(attn, dim=-1), p=attention_dropout, training=training)
     x = (attn @ v).transpose(1, 2).reshape(x.shape[0], tokens, inner)
     x = F.dropout(F.linear(x, proj_weight, proj_bias), p=dropout, training=training)
@@ -139,7 +135,7 @@ def window_attention(
 torch.fx.wrap("window_attention")
 
 
-def head_dims(rows: int, heads: int, v_dim: Optional[int] = None) -> tuple[int, int]:
+def head_dims(rows: int, heads: int, v_dim: int | None = None) -> tuple[int, int]:
     """(q/k width, v width) per head of a packed ``qkv`` with ``rows`` rows."""
     if v_dim is None:
         return rows // (3 * heads), rows // (3 * heads)
@@ -166,7 +162,8 @@ class WindowAttentionRule(AttributeRule):
         w_qkv, w_proj = _weight_port(node, c, "qkv_weight"), _weight_port(node, c, "proj_weight")
         bias = _weight_port(node, c, "relative_position_bias")
         heads = arg(node, ARGS["num_heads"], "num_heads")
-        if None in (x, y, w_qkv, w_proj, bias) or not isinstance(heads, int) or bias.ndim != 4 or bias.shape[1] != heads:
+        if (None in (x, y, w_qkv, w_proj, bias) or not isinstance(heads, int) or bias.ndim != 4
+                or bias.shape[1] != heads):
             return
         dq, dv = head_dims(w_qkv.shape[0], heads, node.kwargs.get("v_dim"))
         if w_proj.shape[1] != heads * dv or w_qkv.shape[0] != heads * (2 * dq + dv):
@@ -175,7 +172,7 @@ class WindowAttentionRule(AttributeRule):
             c.tie_dims(x, d, y, d)
         c.tie(x.space(3), w_qkv.space(1), size=x.shape[3])
         c.tie(y.space(3), w_proj.space(0), size=y.shape[3])
-        if _preferred() == "head_dim":
+        if attention.preferred_factor(c.options) == "head_dim":
             self._tie_head_dims(node, c, heads, dq, dv)
         else:
             rows = arange(w_qkv.shape[0])

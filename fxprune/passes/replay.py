@@ -8,7 +8,8 @@ saved model is rebuilt from the original architecture without pickle.
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch.fx as fx
 

@@ -4,19 +4,21 @@ graph constants. It never decides anything: what to keep comes from the plan.
 from __future__ import annotations
 
 import logging
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch.fx as fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
+from ..analysis import Analysis, analyze
 from ..errors import ExampleInputsError, PlanError, RewriteError
-from ..graph.dependency import Analysis, analyze
-from ..graph.space import Space
-from ..plan import Plan
+from ..ir.context import RewriteContext
+from ..ir.space import Space
+from ..ir.spec import TensorSpec, spec_of
 from ..ops.io import metadata_only
-from ..trace import TensorSpec, record_shapes, spec_of
-from .context import RewriteContext
+from ..plan import Plan
+from ..trace import record_shapes
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +95,8 @@ class ShrinkChannels(PassBase):
         for node in gm.graph.nodes:
             spec = spec_of(node)
             items = spec if isinstance(spec, tuple) else (spec,)
-            expected[node.name] = [self.ctx.shape(node, i) if isinstance(s, TensorSpec) else None for i, s in enumerate(items)]
+            expected[node.name] = [self.ctx.shape(node, i) if isinstance(s, TensorSpec) else None
+                                   for i, s in enumerate(items)]
         try:
             record_shapes(gm, self.example_inputs)
         except ExampleInputsError as exc:  # the inputs ran before the rewrite: this is a rewrite bug

@@ -9,7 +9,6 @@ import torch
 from torch import nn
 
 import fxprune
-
 from fxprune.criteria import ScoreContext, get_criterion
 from fxprune.criteria.catro import class_scatter, elimination_order, trace_ratio
 from fxprune.errors import FxPruneError

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-
 from test_taylor import W1, W2, batch, hand_grads, scores
 
 

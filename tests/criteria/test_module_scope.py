@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from fixtures import ResCatNet
 from torch import nn
 
 import fxprune
 from fxprune.errors import RecipeError
-from fxprune.testing import ResCatNet, channel_recipe, prune_and_check
+from fxprune.testing import channel_recipe, prune_and_check
 from fxprune.work import count_model
 
 
@@ -40,7 +41,8 @@ def test_one_threshold_per_family_same_rate_per_family() -> None:
 
 def test_groups_in_no_family_are_left_alone() -> None:
     # only l3|l4 names a family member (its reader l4): l1|l2 and l2|l3 keep every channel
-    pruned = prune_and_check(Chain().eval(), channel_recipe(0.5, criterion="l1", scope="module", modules={"b": ["l4"]}), X)
+    recipe = channel_recipe(0.5, criterion="l1", scope="module", modules={"b": ["l4"]})
+    pruned = prune_and_check(Chain().eval(), recipe, X)
     assert (pruned.l1.out_features, pruned.l2.out_features, pruned.l3.out_features) == (8, 8, 4)
 
 
@@ -51,7 +53,8 @@ def test_family_of_a_group_is_its_producer_first() -> None:
     pruned = prune_and_check(Chain().eval(), recipe, X)
     assert pruned.l3.out_features == 4
     assert pruned.l1.out_features + pruned.l2.out_features == 8
-    both = prune_and_check(Chain().eval(), channel_recipe(0.5, criterion="l1", scope="module", modules={"x": ["l3"]}), X)
+    recipe = channel_recipe(0.5, criterion="l1", scope="module", modules={"x": ["l3"]})
+    both = prune_and_check(Chain().eval(), recipe, X)
     assert (both.l1.out_features, both.l2.out_features, both.l3.out_features) == (8, 1, 7)  # reader fallback
 
 

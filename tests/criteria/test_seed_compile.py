@@ -5,11 +5,12 @@ import math
 
 import pytest
 import torch
+from fixtures import ResCatNet
 from torch import nn
 
 import fxprune
 from fxprune.errors import FxPruneError
-from fxprune.testing import ResCatNet, assert_masked_equals_shrunk, channel_recipe, prune_and_check
+from fxprune.testing import assert_masked_equals_shrunk, channel_recipe, prune_and_check
 from fxprune.work import count_work
 
 SEED_CRITERIA = ["taylor", "hessian", "lamp", "catro", "dimap"]
@@ -60,7 +61,8 @@ def test_masked_equals_shrunk_and_flops_budget(criterion: str, model_cls: type) 
 
 @pytest.mark.parametrize("criterion", ["lamp", "dimap"])
 def test_data_free_criteria_need_no_data(criterion: str) -> None:
-    pruned = prune_and_check(rescat().eval(), channel_recipe(0.5, criterion=criterion, steps=2), torch.randn(2, 3, 8, 8))
+    pruned = prune_and_check(rescat().eval(), channel_recipe(0.5, criterion=criterion, steps=2),
+                             torch.randn(2, 3, 8, 8))
     assert pruned.get_submodule("body.0").out_channels == 16
 
 
@@ -86,4 +88,5 @@ def test_multi_step_taylor_rescoring_uses_data_each_step() -> None:
 
 def test_compile_without_data_raises_naming_the_criterion() -> None:
     with pytest.raises(FxPruneError, match="criterion 'hessian' needs data"):
-        fxprune.compile(rescat().eval(), channel_recipe(0.5, criterion="hessian"), example_inputs=torch.randn(1, 3, 8, 8))
+        fxprune.compile(rescat().eval(), channel_recipe(0.5, criterion="hessian"),
+                        example_inputs=torch.randn(1, 3, 8, 8))

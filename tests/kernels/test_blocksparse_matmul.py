@@ -153,7 +153,7 @@ def test_kernel_bf16_cuda(block):
     torch.testing.assert_close(y.float(), ref, atol=5e-2, rtol=1.6e-2)
 
 
-def test_autotune_configs_and_pruning(monkeypatch):
+def test_autotune_configs_and_pruning():
     if not bsm.HAS_TRITON:
         pytest.skip("triton not installed")
     configs = bsm.get_blocksparse_matmul_configs()
@@ -162,15 +162,20 @@ def test_autotune_configs_and_pruning(monkeypatch):
     assert not any(c.kwargs["BLOCK_M"] == 256 and c.num_warps == 4 for c in configs)  # keep filter
     assert bsm._blocksparse_matmul_kernel.keys == ["M_BUCKET", "N", "K", "BN", "BK"]
     x16 = torch.empty(1, dtype=torch.float16)
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    assert len(bsm._prune_configs(configs, {"M_BUCKET": 4096, "x_ptr": x16}, BN=32, BK=32)) == 1
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-    small = bsm._prune_configs(configs, {"M_BUCKET": 32, "x_ptr": x16}, BN=32, BK=32)
+    args = {"M_BUCKET": 4096, "x_ptr": x16, "BN": 32, "BK": 32}
+    assert len(bsm._configs_for(configs, args, interpreter=True)) == 1
+    # the autotuner's hook asks the kernel itself whether it runs in the interpreter (see conftest.py)
+    hooked = bsm._prune_configs(configs, {"M_BUCKET": 4096, "x_ptr": x16}, BN=32, BK=32)
+    expected = bsm._configs_for(configs, args, interpreter=INTERPRETED)
+    assert [(c.kwargs, c.num_warps, c.num_stages) for c in hooked] == \
+        [(c.kwargs, c.num_warps, c.num_stages) for c in expected]
+    small = bsm._configs_for(configs, {"M_BUCKET": 32, "x_ptr": x16, "BN": 32, "BK": 32}, interpreter=False)
     assert small and {c.kwargs["BLOCK_M"] for c in small} == {64}
     # SMEM per program = stages * (BLOCK_M*BK + BN*BK) * itemsize, budget 160 KiB.
-    large32 = bsm._prune_configs(configs, {"M_BUCKET": 4096, "x_ptr": torch.empty(1)}, BN=64, BK=64)
+    large32 = bsm._configs_for(configs, {"M_BUCKET": 4096, "x_ptr": torch.empty(1), "BN": 64, "BK": 64},
+                               interpreter=False)
     assert {c.kwargs["BLOCK_M"] for c in large32} == {64, 128}  # 256 rows of fp32: >= 240 KiB
-    large16 = bsm._prune_configs(configs, {"M_BUCKET": 4096, "x_ptr": x16}, BN=64, BK=64)
+    large16 = bsm._configs_for(configs, {"M_BUCKET": 4096, "x_ptr": x16, "BN": 64, "BK": 64}, interpreter=False)
     assert {(c.kwargs["BLOCK_M"], c.num_stages) for c in large16} >= {(256, 3), (256, 4)}
 
 

@@ -10,17 +10,19 @@ from __future__ import annotations
 
 import copy
 import functools
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
 import torch.fx as fx
+from fixtures import ResCatNet
 from torch import nn
 from torchvision.models import detection, segmentation
 
 import fxprune
 from fxprune.outputs import tensors_of
-from fxprune.partial import capture_inputs, resolve_submodule, set_submodule
+from fxprune.submodule import capture_inputs, resolve_submodule, set_submodule
 from fxprune.testing import assert_masked_equals_shrunk, masked_model, state_digest
 from fxprune.work import count_work
 
@@ -196,7 +198,7 @@ class Gated(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.body = fxprune.testing.ResCatNet(width=8, fuse=16, classes=4)
+        self.body = ResCatNet(width=8, fuse=16, classes=4)
         self.unused = nn.Linear(4, 4)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -329,7 +331,7 @@ def test_nested_path_keeps_its_boundary() -> None:
     pruned = fxprune.compile(model, {"submodule": "body.body", "stages": [{"target": {"sparsity": 0.5}}]},
                              example_inputs=x)
     inner = pruned.body.body
-    assert isinstance(pruned.body, fxprune.testing.ResCatNet) and isinstance(inner, fx.GraphModule)
+    assert isinstance(pruned.body, ResCatNet) and isinstance(inner, fx.GraphModule)
     convs = [m for m in inner.modules() if isinstance(m, nn.Conv2d)]
     assert [(c.in_channels, c.out_channels) for c in convs] == [(8, 8), (8, 8)]  # 16 hidden -> 8, ends kept
     sub_inputs, _ = capture_inputs(model, "body.body", (x,))

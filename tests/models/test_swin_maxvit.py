@@ -15,9 +15,17 @@ import torch
 from torchvision.models import swin_transformer as swin
 
 import fxprune
-from fxprune.graph.space import Space
+from fxprune.ir.space import Space
 from fxprune.ops.window_attention import window_attention
-from fxprune.testing import analyze_model, assert_compiles, assert_masked_equals_shrunk, channel_recipe, frozen_of, prune_and_check, units_of
+from fxprune.testing import (
+    analyze_model,
+    assert_compiles,
+    assert_masked_equals_shrunk,
+    channel_recipe,
+    frozen_of,
+    prune_and_check,
+    units_of,
+)
 from fxprune.work import count_model, count_work
 
 torch.set_num_threads(1)
@@ -44,7 +52,8 @@ def _x(size: int = 32) -> torch.Tensor:
 
 
 def _attention_nodes(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
-    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target in (window_attention, swin.shifted_window_attention)]
+    targets = (window_attention, swin.shifted_window_attention)
+    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target in targets]
 
 
 @pytest.mark.parametrize("v2", [False, True], ids=["v1", "v2"])

@@ -13,8 +13,8 @@ timm = pytest.importorskip("timm")
 
 TOKEN_MODELS = ("deit_tiny_patch16_224", "vit_small_patch16_224", "mixer_b16_224", "resmlp_12_224")
 # fixed input size (224); several only trace with timm's own no-trace registries (used after a plain trace fails)
-REGISTRY_MODELS = ("maxvit_tiny_tf_224", "twins_svt_small", "levit_128", "efficientformer_l1", "swin_tiny_patch4_window7_224",
-                   "pvt_v2_b0", "coat_lite_tiny")
+REGISTRY_MODELS = ("maxvit_tiny_tf_224", "twins_svt_small", "levit_128", "efficientformer_l1",
+                   "swin_tiny_patch4_window7_224", "pvt_v2_b0", "coat_lite_tiny")
 ANY_SIZE = ("edgenext_x_small", "mobilevit_xs", "fastvit_t8", "focalnet_tiny_srf")
 MODELS = ["resnet50", "efficientnet_b0", "mobilenetv3_large_100", "regnety_016", "cspdarknet53", "dla34",
           "ghostnet_100", "repvgg_a2", "rexnet_100", "vovnet39a", "darknet53", "convnext_tiny", "hrnet_w18_small",

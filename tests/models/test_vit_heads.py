@@ -1,20 +1,19 @@
 """Head pruning on real ViTs: torchvision's VisionTransformer (nn.MultiheadAttention) at reduced size and timm's
 deit_tiny / vit_small at 32x32. Heads at 50% then channels at flops 0.5: masked == shrunk, output shape unchanged,
-MACs reduced, num_heads of the rewritten attention == kept heads; 0 graph breaks under torch.compile(fullgraph), torch.export;
-save/load round trip."""
+MACs reduced, num_heads of the rewritten attention == kept heads; 0 graph breaks under torch.compile(fullgraph),
+torch.export; save/load round trip."""
 from __future__ import annotations
 
 import pytest
 import timm
 import torch
 from torch import nn
+from vit_models import torchvision_vit
 
 import fxprune
 from fxprune.nn.attention import PrunedMultiheadAttention
 from fxprune.testing import assert_compiles, prune_and_check
 from fxprune.work import count_work
-
-from vit_models import torchvision_vit
 
 HEADS_THEN_CHANNELS = {"stages": [{"kind": "heads", "target": {"sparsity": 0.5}},
                                   {"kind": "channels", "target": {"flops": 0.5}}]}

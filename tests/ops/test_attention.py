@@ -12,7 +12,14 @@ from timm.models.vision_transformer import Attention
 from torch import nn
 
 import fxprune
-from fxprune.testing import analyze_model, assert_masked_equals_shrunk, channel_recipe, frozen_of, prune_and_check, units_of
+from fxprune.testing import (
+    analyze_model,
+    assert_masked_equals_shrunk,
+    channel_recipe,
+    frozen_of,
+    prune_and_check,
+    units_of,
+)
 
 
 class AttnNet(nn.Module):

@@ -11,8 +11,14 @@ import fxprune
 from fxprune.criteria import get_criterion
 from fxprune.criteria.base import ScoreContext
 from fxprune.nn.attention import PrunedMultiheadAttention
-from fxprune.testing import (analyze_model, assert_masked_equals_shrunk, channel_recipe, prune_and_check, state_digest,
-                              units_of)
+from fxprune.testing import (
+    analyze_model,
+    assert_masked_equals_shrunk,
+    channel_recipe,
+    prune_and_check,
+    state_digest,
+    units_of,
+)
 
 
 @pytest.mark.parametrize("batch_first", [True, False])
@@ -53,7 +59,7 @@ X = torch.randn(2, 6, 8)
 
 def test_heads_and_head_dims_are_separate_groups() -> None:
     a = analyze_model(MHANet(), X)
-    groups = {key: a.space_group[a.index[fxprune.graph.space.Space.parse(key)]]
+    groups = {key: a.space_group[a.index[fxprune.ir.space.Space.parse(key)]]
               for key in ("@attn:0:0", "@attn:0:1", "@attn:0:2", "@attn:0:3", "@attn:0:4")}
     assert len(set(groups.values())) == 5
     assert len(np.unique(units_of(a, "@attn:0:0"))) == 4  # one unit per head
@@ -85,7 +91,8 @@ def test_each_internal_axis_alone_masked_equals_shrunk(axis: int, expect: str) -
     assert pruned.attn.num_heads == 2  # every internal axis is prunable at once; check each was sliced
     plan = pruned.fxprune_plan
     assert f"@attn:0:{axis}" in plan.kept, expect
-    single = fxprune.Plan({f"@attn:0:{axis}": plan.kept[f"@attn:0:{axis}"]}, {f"@attn:0:{axis}": plan.sizes[f"@attn:0:{axis}"]})
+    key = f"@attn:0:{axis}"
+    single = fxprune.Plan({key: plan.kept[key]}, {key: plan.sizes[key]})
     assert_masked_equals_shrunk(model, single, (X,))
 
 

@@ -6,8 +6,10 @@ import pytest
 import torch
 from torch import nn
 
-from fxprune.testing import analyze_model, channel_recipe as recipe, frozen_of as frozen, prune_and_check, units_of as units
-
+from fxprune.testing import analyze_model, prune_and_check
+from fxprune.testing import channel_recipe as recipe
+from fxprune.testing import frozen_of as frozen
+from fxprune.testing import units_of as units
 
 
 class ConvChain(nn.Module):

@@ -13,7 +13,8 @@ layers = pytest.importorskip("timm.layers")
 class NormActNet(nn.Module):
     def __init__(self, norm: nn.Module, act_norm: nn.Module) -> None:
         super().__init__()
-        self.c1, self.n1, self.c2, self.n2, self.c3 = nn.Conv2d(3, 8, 3), norm, nn.Conv2d(8, 8, 1), act_norm, nn.Conv2d(8, 4, 1)
+        self.c1, self.n1, self.c2 = nn.Conv2d(3, 8, 3), norm, nn.Conv2d(8, 8, 1)
+        self.n2, self.c3 = act_norm, nn.Conv2d(8, 4, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.c3(self.n2(self.c2(self.n1(self.c1(x)))))

@@ -1,1 +1,0 @@
-"""fxprune.graph."""

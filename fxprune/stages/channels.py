@@ -1,0 +1,156 @@
+"""The ``channels`` stage: remove whole channels (filters, features, groups) and shrink every coupled layer.
+
+``prune_channels`` is also the step loop of the ``heads`` and ``head_dim`` stages: analyse, score, plan the
+budget's units, shrink, and repeat ``steps`` times, composing one plan in original indices.
+
+Example:
+    >>> recipe = {"stages": [{"kind": "channels", "target": {"flops": 0.5}, "criterion": "l2", "round_to": 8}]}
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch.fx as fx
+
+from ..analysis import Analysis, analyze
+from ..criteria import ScoreContext, get_criterion
+from ..errors import RecipeError
+from ..ir.space import Space
+from ..passes.shrink_channels import ShrinkChannels
+from ..plan import Plan
+from ..planner import Budget, Planner
+from .base import ChannelPruningStage, register_stage, validate_counts
+
+log = logging.getLogger(__name__)
+
+
+@register_stage("channels")
+@dataclass
+class ChannelStage(ChannelPruningStage):
+    """Remove whole channels (filters, features, groups) and shrink every coupled layer.
+
+    Fields:
+        target: exactly one of ``{"sparsity": s}`` (fraction of each group's / all units removed),
+            ``{"flops": f}`` (fraction of MACs removed) or ``{"params": p}`` (fraction of parameters removed).
+        criterion: name of a registered criterion (``l1``, ``l2``, ``bn_scale``, ``random``, ...).
+        scope: ``local`` (same rate in every group), ``global`` (one ranking across groups, scores normalized
+            by each group's mean) or ``module`` (one ranking and the same rate per module family, raw scores).
+        modules: for ``scope: module``, family name -> glob patterns of module paths (e.g. ``{"mlp": ["*.fc1",
+            "*.fc2"]}``); a group belongs to the first family naming a layer that produces its channels (else one
+            that reads them). Groups in no family are not pruned.
+        ignore: glob patterns of module paths whose channels must not change.
+        round_to: kept units per group rounded up to a multiple of this (channel-aware for grouped convs).
+        steps: prune in this many equal steps, re-scoring in between.
+        max_sparsity: at most this fraction of a group's units is removed.
+        seed: seed of random criteria.
+        layer_norm: ``freeze`` (default: LayerNorm-normalized dims never prune) or ``renormalize`` (they prune, and
+            each pruned LayerNorm/RMSNorm normalizes over its kept channels only; this is how a ViT's embedding
+            dim prunes, see ``fxprune/ops/norm_renormalize.py``). Written to JSON only when not the default.
+    """
+
+    scope: str = "local"
+    modules: dict = field(default_factory=dict)
+    steps: int = 1
+    layer_norm: str = "freeze"
+
+    def validate(self, path: str) -> None:
+        self.validate_target(path)
+        self.validate_criterion(path)
+        if self.layer_norm not in ("freeze", "renormalize"):
+            raise RecipeError(f"{path}.layer_norm", f"must be 'freeze' or 'renormalize', got {self.layer_norm!r}")
+        if self.scope not in ("local", "global", "module"):
+            raise RecipeError(f"{path}.scope", f"must be 'local' or 'global' (or 'module', with modules), "
+                                               f"got {self.scope!r}")
+        if not isinstance(self.modules, dict) or not all(
+                isinstance(k, str) and isinstance(v, list) and v and all(isinstance(p, str) for p in v)
+                for k, v in self.modules.items()):
+            raise RecipeError(f"{path}.modules", f"must map family names to non-empty lists of module-path patterns, "
+                                                 f"got {self.modules!r}")
+        if self.scope == "module" and not self.modules:
+            raise RecipeError(f"{path}.modules", "scope 'module' needs at least one module family")
+        self.validate_budget(path)
+        validate_counts(self, path, ("steps",))
+
+    def to_dict(self) -> dict[str, Any]:
+        """As ``Stage.to_dict``; ``layer_norm`` only when not the default ``freeze`` (recipes written before the
+        field existed keep their exact form)."""
+        out = super().to_dict()
+        if out.get("layer_norm") == "freeze":
+            del out["layer_norm"]
+        return out
+
+    def budget(self) -> Budget:
+        return dataclasses.replace(super().budget(), scope=self.scope, modules=dict(self.modules))
+
+    def analysis_options(self) -> dict[str, str]:
+        """Options for ``analyze`` (and recorded in the plan): empty unless ``layer_norm`` is not the default."""
+        return {"layer_norm": self.layer_norm} if self.layer_norm != "freeze" else {}
+
+    def run(self, gm: fx.GraphModule, ctx: ScoreContext) -> Plan:
+        return prune_channels(gm, self, ctx, self.budget(), steps=self.steps, options=self.analysis_options())
+
+
+def _removed_before(a: Analysis, plan: Plan) -> dict[int, int]:
+    """Per group of ``a``, how many units earlier steps (``plan``) removed, from a parameter axis' shrinkage."""
+    done: dict[int, int] = {}
+    for key, kept in plan.kept.items():
+        space = Space.parse(key)
+        i = a.index.get(space)
+        if i is None or not space.is_param:
+            continue
+        g = int(a.space_group[i])
+        n_units = int((a.unit_group == g).sum())
+        done.setdefault(g, round(n_units * plan.sizes[key] / len(kept)) - n_units)
+    return done
+
+
+def prune_channels(gm: fx.GraphModule, stage: ChannelPruningStage, ctx: ScoreContext, budget: Budget, *, steps: int,
+                   options: Mapping[str, str], groups: Callable[[Analysis], Collection[int]] | None = None) -> Plan:
+    """Prune ``gm`` in ``steps`` steps to ``stage.target``; returns the composed plan (original indices).
+
+    Args:
+        stage: the target, criterion, ignore patterns and seed (a ``channels``, ``heads`` or ``head_dim`` stage).
+        budget: how the planner ranks units and how far it may go.
+        steps: prune in this many equal steps, re-scoring in between.
+        options: analysis options, recorded in each step's plan (e.g. ``{"layer_norm": "renormalize"}``).
+        groups: which groups of an analysis may lose units (e.g. the attention-head groups); default all.
+    """
+    ctx = dataclasses.replace(ctx, seed=stage.seed)
+    inputs = ctx.example_inputs
+    criterion = get_criterion(stage.criterion)
+    plan = Plan()
+    base: dict[str, int] = {}
+    for step in range(1, steps + 1):
+        a = analyze(gm, stage.ignore, options)
+        planner = Planner(a, criterion.score(a, ctx), budget, _removed_before(a, plan),
+                          normalize=not getattr(criterion, "comparable_across_groups", False),
+                          groups=groups(a) if groups is not None else None)
+        if groups is not None and not planner.orders:
+            log.warning("%s stage: nothing of this kind is prunable in this model", stage.kind)
+        base = base or {"macs": planner.counter.base_macs, "params": planner.counter.total_params}
+        goal = stage.target_value * step / steps
+        kind = stage.target_kind
+        if kind == "sparsity" and budget.scope == "local":
+            rel = goal  # local fractions count the units earlier steps removed
+        elif kind == "sparsity":
+            done = stage.target_value * (step - 1) / steps
+            rel = 1 - (1 - goal) / (1 - done)
+        else:
+            metric = "macs" if kind == "flops" else "params"
+            now = planner.counter.base_macs if metric == "macs" else planner.counter.total_params
+            rel = max(0.0, 1 - (1 - goal) * base[metric] / now) if now else 0.0
+        removed = planner.solve(kind, rel)
+        step_plan = planner.plan(removed)
+        step_plan.stats = {**planner.counter.count(planner.new_sizes(removed)), "step": step}
+        step_plan.options = dict(options)
+        log.info("stage %s step %d/%d: %d units removed", stage.kind, step, steps, len(removed))
+        ShrinkChannels(step_plan, inputs, a)(gm)
+        plan = plan.compose(step_plan)
+    return plan
+
+
+__all__ = ["ChannelStage", "prune_channels"]

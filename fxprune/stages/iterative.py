@@ -1,0 +1,179 @@
+"""The ``iterative`` stage: sensitivity analysis and iterative group selection with fine-tuning in between.
+
+Source: Pavlitska et al., "Iterative Filter Pruning for Concatenation-based CNN Architectures", arXiv 2405.03715
+(code: fzi-forschungszentrum-informatik/iterative-yolo-pruning). Each step prunes every layer *alone* at a few
+rates (25/50/75%), evaluates the model, scores ``saving(l, r) * metric(l, r) ** alpha`` (alpha = 20, lowered by
+about 1 per iteration), picks the best rate per layer, prunes the top layers, fine-tunes and repeats.
+
+Our reading (not fixed by the paper):
+- A "layer" is a coupling *group* (a set of channels that must shrink together), so concatenations, residual
+  sums and shared producers are handled by the analysis instead of a hand-built connectivity graph.
+- Inside a group, channels go in the order of the stage's criterion (the paper: smallest L2 norm).
+- One saving (``flops`` = MACs, or ``params``) per stage, instead of mixing params and FLOPs picks; the saving
+  is the fraction of the current model's count a candidate removes.
+- The step that reaches the target trims its last group's rate to land on it; if ``steps`` run out first, a
+  warning is logged and the plan so far is returned (its ``stats["target_met"]`` is 0).
+- ``evaluate(model) -> float`` must be higher-is-better and non-negative (e.g. accuracy in [0, 1]); negative
+  values count as 0. It is called on pruned *copies*; ``finetune(model, step)`` trains the model in place.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import numpy as np
+import torch.fx as fx
+from tqdm.auto import tqdm
+
+from ..analysis import Analysis, analyze
+from ..criteria import ScoreContext, get_criterion
+from ..errors import FxPruneError, RecipeError
+from ..passes.shrink_channels import ShrinkChannels
+from ..plan import Plan
+from ..planner import Planner
+from .base import ChannelPruningStage, is_number, register_stage, validate_counts
+
+log = logging.getLogger(__name__)
+
+
+@register_stage("iterative")
+@dataclass
+class IterativeStage(ChannelPruningStage):
+    """Prune the most profitable groups step by step, measured by ``evaluate``, fine-tuning after each step.
+
+    Fields:
+        target: ``{"flops": f}`` or ``{"params": p}``: the fraction of MACs / parameters to remove in all.
+        criterion: orders the channels inside a group (``l2`` as in the paper; any registered criterion).
+        rates: fractions of a group's prunable units tried in the sensitivity sweep.
+        alpha: exponent of the metric in ``saving * metric ** alpha``; ``alpha_decay`` is subtracted each step.
+        layers_per_step: groups pruned per step (the best-scoring ones).
+        steps: at most this many steps.
+        ignore, round_to, max_sparsity, seed: as in the ``channels`` stage.
+    """
+
+    target: dict = field(default_factory=lambda: {"flops": 0.5})
+    rates: list = field(default_factory=lambda: [0.25, 0.5, 0.75])
+    alpha: float = 20.0
+    alpha_decay: float = 1.0
+    layers_per_step: int = 5
+    steps: int = 14
+    TARGETS: ClassVar[tuple[str, ...]] = ("flops", "params")
+
+    def validate(self, path: str) -> None:
+        self.validate_target(path)
+        self.validate_criterion(path)
+        rates = self.rates
+        if not isinstance(rates, list) or not rates or not all(is_number(r) and 0 < r < 1 for r in rates):
+            raise RecipeError(f"{path}.rates", f"must be a non-empty list of fractions in (0, 1), got {rates!r}")
+        for name, v in (("alpha", self.alpha), ("alpha_decay", self.alpha_decay)):
+            if not is_number(v) or v < 0:
+                raise RecipeError(f"{path}.{name}", f"must be a number >= 0, got {v!r}")
+        self.validate_budget(path)
+        validate_counts(self, path, ("layers_per_step", "steps"))
+
+    @property
+    def metric(self) -> str:
+        return "macs" if self.target_kind == "flops" else "params"
+
+    def run(self, gm: fx.GraphModule, ctx: ScoreContext) -> Plan:
+        return run_iterative_stage(gm, self, ctx)
+
+
+def _replay(gm: fx.GraphModule, plan: Plan, inputs: tuple, analysis: Analysis) -> fx.GraphModule:
+    pruned = copy.deepcopy(gm)
+    ShrinkChannels(plan, inputs, analysis)(pruned)
+    return pruned.eval()
+
+
+def _sweep(planner: Planner, gm: fx.GraphModule, stage: IterativeStage, ctx: ScoreContext, inputs: tuple,
+           alpha: float, step: int) -> list[tuple[float, int, np.ndarray]]:
+    """Per group, the best ``(score, group index, removed units)`` over the rates, best group first."""
+    best: dict[int, tuple[float, int, np.ndarray]] = {}
+    todo = [(i, r) for i, o in enumerate(planner.orders) for r in stage.rates]
+    for i, rate in tqdm(todo, desc=f"fxprune iterative step {step}", leave=False, disable=not todo):
+        o = planner.orders[i]
+        removed = planner.prefix(o, int(math.floor(rate * o.n_prunable + 1e-9)))
+        if len(removed) == 0:
+            continue
+        saving = planner.reduction(removed, stage.metric)
+        metric = float(ctx.evaluate(_replay(gm, planner.plan(removed), inputs, planner.a)))
+        score = saving * max(metric, 0.0) ** alpha
+        log.debug("step %d group %d rate %.2f: saving %.4f metric %.4f score %.3g", step, o.group, rate, saving,
+                  metric, score)
+        if i not in best or score > best[i][0]:
+            best[i] = (score, i, removed)
+    return sorted(best.values(), key=lambda t: (-t[0], t[1]))
+
+
+def _select(planner: Planner, ranked: list, stage: IterativeStage, need: float) -> np.ndarray:
+    """Union of the top groups' removals; the group that reaches ``need`` is trimmed to just reach it."""
+    parts: list[np.ndarray] = []
+    for _, i, removed in ranked[:stage.layers_per_step]:
+        trial = np.concatenate(parts + [removed])
+        if planner.reduction(trial, stage.metric) < need:
+            parts.append(removed)
+            continue
+        lo, hi = 1, len(removed)  # smallest prefix of this group's removal that reaches the target
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if planner.reduction(np.concatenate(parts + [removed[:mid]]), stage.metric) >= need:
+                hi = mid
+            else:
+                lo = mid + 1
+        trimmed = planner.prefix(planner.orders[i], lo)  # round_to may round the kept count up
+        parts.append(trimmed if len(trimmed) else removed)
+        break
+    return np.concatenate(parts) if parts else np.zeros(0, np.int64)
+
+
+def run_iterative_stage(gm: fx.GraphModule, stage: IterativeStage, ctx: ScoreContext) -> Plan:
+    """Run the sensitivity sweep and prune step by step until the target; returns the composed plan."""
+    if ctx.evaluate is None:
+        raise FxPruneError("stage 'iterative' needs evaluate: pass fxprune.compile(..., evaluate=fn) with "
+                           "fn(model) -> float, higher is better (e.g. validation accuracy)")
+    ctx = dataclasses.replace(ctx, seed=stage.seed)
+    inputs = ctx.example_inputs
+    criterion = get_criterion(stage.criterion)
+    budget = stage.budget()
+    plan, base, alpha, met = Plan(), None, float(stage.alpha), False
+    for step in range(1, stage.steps + 1):
+        a = analyze(gm, stage.ignore)
+        planner = Planner(a, criterion.score(a, ctx), budget)
+        now = planner.counter.base_macs if stage.metric == "macs" else planner.counter.total_params
+        base = base if base is not None else now
+        need = 1 - (1 - stage.target_value) * base / now if now else 0.0
+        if need <= 1e-12:
+            met = True
+            break
+        ranked = _sweep(planner, gm, stage, ctx, inputs, alpha, step)
+        removed = _select(planner, ranked, stage, need)
+        if len(removed) == 0:
+            log.warning("iterative: step %d found nothing left to prune", step)
+            break
+        step_plan = planner.plan(removed)
+        counts = planner.counter.count(planner.new_sizes(removed))
+        step_plan.stats = {**counts, "step": step}
+        ShrinkChannels(step_plan, inputs, a)(gm)
+        plan = plan.compose(step_plan)
+        log.info("iterative step %d: %d groups, %d units removed, %s %.4f of the original left (alpha %.1f)", step,
+                 len({int(g) for g in a.unit_group[removed]}), len(removed), stage.metric,
+                 counts[stage.metric] / base, alpha)
+        if ctx.finetune is not None:
+            ctx.finetune(gm, step)
+        gm.eval()
+        alpha = max(0.0, alpha - stage.alpha_decay)
+        if counts[stage.metric] <= (1 - stage.target_value) * base * (1 + 1e-12):
+            met = True
+            break
+    if not met:
+        log.warning("iterative: target %s %.3f not met after %d steps", stage.target_kind, stage.target_value,
+                    stage.steps)
+    plan.stats = {**plan.stats, "target_met": int(met)}
+    return plan
+
+
+__all__ = ["IterativeStage", "run_iterative_stage"]
