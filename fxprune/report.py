@@ -71,7 +71,7 @@ def report(before: nn.Module, after: nn.Module, example_inputs: Any) -> Report:
         pairs = [(before, inputs), (after, inputs)]
     counts = []
     for model, args in pairs:
-        gm = trace(copy.deepcopy(model).eval())
+        gm = trace(copy.deepcopy(model).eval(), example_inputs=args)
         record_shapes(gm, args)
         counts.append(count_model(gm))
     if sub:

@@ -129,7 +129,7 @@ def masked_model(model: nn.Module, plan: Plan, example_inputs: Sequence[Any], le
     modules whose rules prune internal axes no graph tensor shows (attention heads: ``mask_removed``) are deep
     copies with the removed slices zeroed; ``model`` itself is never modified.
     """
-    gm = trace(model, leaf_modules)
+    gm = trace(model, leaf_modules, example_inputs=tuple(example_inputs))
     with _eval_mode(gm):
         record_shapes(gm, tuple(example_inputs))
     _mask_leaf_internals(gm, plan)
@@ -238,7 +238,7 @@ def assert_masked_equals_shrunk(
     if shrunk is None:
         from .passes.replay import apply_plan
 
-        shrunk = trace(copy.deepcopy(model).eval(), leaf_modules)
+        shrunk = trace(copy.deepcopy(model).eval(), leaf_modules, example_inputs=inputs)
         record_shapes(shrunk, inputs)
         apply_plan(shrunk, plan, inputs)
     masked = masked_model(model, plan, inputs, leaf_modules)
@@ -305,7 +305,7 @@ def analyze_model(model: nn.Module, *inputs: torch.Tensor) -> "Analysis":
     """Trace, record shapes and analyze ``model`` (a deep copy) in eval mode."""
     from .graph.dependency import analyze
 
-    gm = trace(copy.deepcopy(model).eval())
+    gm = trace(copy.deepcopy(model).eval(), example_inputs=inputs)
     record_shapes(gm, inputs)
     return analyze(gm)
 
