@@ -20,7 +20,9 @@ class PrunedSpatialGatingUnit(nn.Module):
         gate_index: the ``v`` channel gating each kept ``u`` channel (the kept output channels, in order).
     """
 
-    def __init__(self, norm: nn.Module, proj: nn.Linear, gate_index: torch.Tensor) -> None:
+    gate_index: torch.Tensor
+
+    def __init__(self, norm: nn.Module, proj: nn.Module, gate_index: torch.Tensor) -> None:
         super().__init__()
         self.norm, self.proj = norm, proj
         self.register_buffer("gate_index", gate_index.to(torch.long))

@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def same_padding(x: torch.Tensor, kernel: tuple[int, ...], stride: tuple[int, ...], dilation: tuple[int, ...]) -> torch.Tensor:
+def same_padding(x: torch.Tensor, kernel: tuple[int, ...], stride: tuple[int, ...],
+                 dilation: tuple[int, ...]) -> torch.Tensor:
     """Zero-pad the last two dims of ``x`` so a conv gives ``ceil(size / stride)`` outputs (TensorFlow's SAME)."""
     pads: list[int] = []
     for size, k, s, d in reversed(list(zip(x.shape[-2:], kernel, stride, dilation))):
@@ -40,12 +41,15 @@ class PinnedStdConv2d(nn.Conv2d):
         same_pad: pad the input at run time to TensorFlow SAME (``*Same`` variants with a dynamic padding).
     """
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: tuple[int, int], *, fan_in: int,
-                 stride: tuple[int, int] = (1, 1), padding: tuple[int, int] | str = (0, 0),
-                 dilation: tuple[int, int] = (1, 1), groups: int = 1, bias: bool = True, scale: float = 1.0,
+    removed_sum: torch.Tensor
+    removed_sq_sum: torch.Tensor
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: tuple[int, ...], *, fan_in: int,
+                 stride: tuple[int, ...] = (1, 1), padding: tuple[int, ...] | str = (0, 0),
+                 dilation: tuple[int, ...] = (1, 1), groups: int = 1, bias: bool = True, scale: float = 1.0,
                  eps: float = 1e-6, has_gain: bool = False, same_pad: bool = False) -> None:
-        super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=padding, dilation=dilation,
-                         groups=groups, bias=bias)
+        super().__init__(in_channels, out_channels, kernel_size, stride=stride,  # type: ignore[arg-type]
+                         padding=padding, dilation=dilation, groups=groups, bias=bias)  # type: ignore[arg-type]
         self.fan_in, self.scale, self.eps, self.same_pad = fan_in, scale, eps, same_pad
         self.gain: nn.Parameter | None = nn.Parameter(torch.ones(out_channels, 1, 1, 1)) if has_gain else None
         self.register_buffer("removed_sum", torch.zeros(out_channels))
@@ -57,14 +61,14 @@ class PinnedStdConv2d(nn.Conv2d):
         gain = getattr(m, "gain", None)
         new = cls(m.in_channels, m.out_channels, m.kernel_size, fan_in=m.weight[0].numel(), stride=m.stride,
                   padding=m.padding, dilation=m.dilation, groups=m.groups, bias=m.bias is not None,
-                  scale=float(getattr(m, "scale", 1.0)), eps=float(m.eps), has_gain=gain is not None,
+                  scale=float(getattr(m, "scale", 1.0)), eps=float(getattr(m, "eps", 1e-6)), has_gain=gain is not None,
                   same_pad=bool(getattr(m, "same_pad", False)))
         new.to(device=m.weight.device, dtype=m.weight.dtype)
         with torch.no_grad():
             new.weight.copy_(m.weight)
-            if m.bias is not None:
+            if m.bias is not None and new.bias is not None:
                 new.bias.copy_(m.bias)
-            if gain is not None:
+            if gain is not None and new.gain is not None:
                 new.gain.copy_(gain)
         new.train(m.training)
         return new

@@ -56,10 +56,11 @@ class SpatialGatingRule(OpRule):
         if kept is None:
             return
         m = gm.get_submodule(path)
-        t = torch.as_tensor(np.asarray(kept), dtype=torch.long, device=m.proj.weight.device)
+        norm, proj = m.get_submodule("norm"), m.get_submodule("proj")
+        t = torch.as_tensor(np.asarray(kept), dtype=torch.long, device=next(proj.parameters()).device)
         gate = m.gate_index[t] if isinstance(m, PrunedSpatialGatingUnit) else t
         owner, name = resolve(gm, path)
-        setattr(owner, name, PrunedSpatialGatingUnit(m.norm, m.proj, gate))
+        setattr(owner, name, PrunedSpatialGatingUnit(norm, proj, gate))
 
     def macs(self, node: fx.Node, s: SizeContext) -> int:
         """The token projection: one ``tokens x tokens`` Linear per gated channel."""

@@ -42,6 +42,7 @@ class StdConvRule(ConvRule):
 
     def shrink_module(self, gm: fx.GraphModule, path: str, r: RewriteContext) -> None:
         m = gm.get_submodule(path)
+        assert isinstance(m, torch.nn.Conv2d), f"{path} is not a weight-standardized Conv2d"
         keep_out, keep_in = r.kept_param(path, 0), r.kept_param(path, 1)
         if m.groups > 1 or keep_in is None:  # whole groups or outputs only: the timm module stays
             super().shrink_module(gm, path, r)

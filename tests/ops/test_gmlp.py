@@ -71,3 +71,11 @@ def test_pruned_gating_unit_equals_original_with_zeroed_channels() -> None:
         got = pruned(torch.cat([x[..., keep], x[..., 12:]], -1))
         torch.testing.assert_close(got, sgu(zeroed)[..., keep])
         assert not sgu(zeroed)[..., [0, 2]].any()
+
+
+def test_pruned_gmlp_compiles_without_graph_breaks() -> None:
+    from fxprune import compile as fx_compile
+    from fxprune.testing import assert_compiles
+
+    x = torch.randn(2, TOKENS, 5)
+    assert_compiles(fx_compile(_model(), channel_recipe(0.5), example_inputs=x), x)

@@ -42,7 +42,8 @@ def _randomize(model: nn.Module) -> nn.Module:
 CASES = {
     "scaled": lambda: (layers.ScaledStdConv2d(8, 16, 3), layers.ScaledStdConv2d(16, 12, 1)),
     "std": lambda: (layers.StdConv2d(8, 16, 3, bias=True), layers.StdConv2d(16, 12, 3)),
-    "scaled_same_dynamic": lambda: (layers.ScaledStdConv2dSame(8, 16, 3, stride=2), layers.ScaledStdConv2dSame(16, 12, 3)),
+    "scaled_same_dynamic": lambda: (layers.ScaledStdConv2dSame(8, 16, 3, stride=2),
+                                    layers.ScaledStdConv2dSame(16, 12, 3)),
     "std_same": lambda: (layers.StdConv2dSame(8, 16, 3, stride=2), layers.StdConv2dSame(16, 12, 1)),
     "scaled_grouped": lambda: (layers.ScaledStdConv2d(8, 16, 3, groups=4), layers.ScaledStdConv2d(16, 12, 3, groups=4)),
 }
@@ -122,3 +123,14 @@ def test_pinned_conv_save_load_round_trip(tmp_path: Path) -> None:
     torch.testing.assert_close(loaded.a.removed_sq_sum, pruned.a.removed_sq_sum)
     with torch.no_grad():
         assert torch.equal(loaded(x), pruned(x))
+
+
+def test_pinned_conv_compiles_without_graph_breaks() -> None:
+    from fxprune.testing import assert_compiles
+
+    torch.manual_seed(0)
+    model = _randomize(StdConvNet(*CASES["scaled_same_dynamic"]()))
+    x = torch.randn(1, 3, 9, 9)
+    pruned = fxprune.compile(model, channel_recipe(0.5), example_inputs=x)
+    assert isinstance(pruned.a, PinnedStdConv2d)
+    assert_compiles(pruned, x)
