@@ -117,7 +117,7 @@ def prune_graph(module: nn.Module, recipe: Recipe, inputs: tuple, *, data: Any =
 
     Raises ``FxPruneError`` if the output shapes changed (outputs are frozen, so they never should).
     """
-    gm = trace(module, recipe.leaf_modules)
+    gm = trace(module, recipe.leaf_modules, example_inputs=inputs)
     record_shapes(gm, inputs)
     before = output_spec(gm)
     plan = Plan()

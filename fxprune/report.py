@@ -70,7 +70,7 @@ def report(before: nn.Module, after: nn.Module, example_inputs: Any) -> Report:
         pairs = [(before, inputs), (after, inputs)]
     counts = []
     for model, args in pairs:
-        gm = trace(shared_copy(model).eval())  # weights shared: only traced and run in eval mode
+        gm = trace(shared_copy(model).eval(), example_inputs=args)  # weights shared: traced, run in eval mode
         record_shapes(gm, args)
         counts.append(count_model(gm))
     if sub:

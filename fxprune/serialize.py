@@ -228,7 +228,7 @@ def load(path: str | Path, model_or_constructor: nn.Module | Callable[[], nn.Mod
             sub_inputs = inputs if example_inputs is None else capture_inputs(model, meta["submodule"], inputs)[0]
             gm = replay_submodule(model, meta["submodule"], plan, meta["leaf_modules"], sub_inputs)
         else:
-            gm = trace(model.eval(), meta["leaf_modules"])
+            gm = trace(model.eval(), meta["leaf_modules"], example_inputs=inputs)
             record_shapes(gm, inputs)
             apply_plan(gm, plan, inputs)
     except PlanError as exc:

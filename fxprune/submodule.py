@@ -234,7 +234,7 @@ class SubmoduleScope:
 def replay_submodule(model: nn.Module, path: str, plan: Any, leaf_modules: list, sub_inputs: tuple) -> nn.Module:
     """Replay ``plan`` on ``model``'s submodule ``path`` in place (for ``fxprune.load``): trace it, record shapes
     on the submodule's inputs ``sub_inputs``, apply the plan and put the ``GraphModule`` back; returns ``model``."""
-    gm = trace(resolve_submodule(model, path).eval(), leaf_modules)
+    gm = trace(resolve_submodule(model, path).eval(), leaf_modules, example_inputs=sub_inputs)
     record_shapes(gm, sub_inputs)
     apply_plan(gm, plan, sub_inputs)
     set_submodule(model, path, gm)

@@ -130,7 +130,7 @@ def masked_model(model: nn.Module, plan: Plan, example_inputs: Sequence[Any],
     modules whose rules prune internal axes no graph tensor shows (attention heads: ``mask_removed``) are deep
     copies with the removed slices zeroed; ``model`` itself is never modified.
     """
-    gm = trace(model, leaf_modules)
+    gm = trace(model, leaf_modules, example_inputs=tuple(example_inputs))
     with _eval_mode(gm):
         record_shapes(gm, tuple(example_inputs))
     _mask_leaf_internals(gm, plan)
@@ -233,7 +233,7 @@ def assert_masked_equals_shrunk(
     """
     inputs = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
     if shrunk is None:
-        shrunk = trace(copy.deepcopy(model).eval(), leaf_modules)
+        shrunk = trace(copy.deepcopy(model).eval(), leaf_modules, example_inputs=inputs)
         record_shapes(shrunk, inputs)
         apply_plan(shrunk, plan, inputs)
     masked = masked_model(model, plan, inputs, leaf_modules)
@@ -296,7 +296,7 @@ def prune_and_check(model: nn.Module, recipe: Any, inputs: Any, *, atol: float =
 
 def analyze_model(model: nn.Module, *inputs: torch.Tensor) -> Analysis:
     """Trace, record shapes and analyze ``model`` (a deep copy) in eval mode."""
-    gm = trace(copy.deepcopy(model).eval())
+    gm = trace(copy.deepcopy(model).eval(), example_inputs=inputs)
     record_shapes(gm, inputs)
     return analyze(gm)
 

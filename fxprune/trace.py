@@ -16,6 +16,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from .attribute_snapshot import restoring_attributes
 from .errors import ExampleInputsError, TraceFailure
 from .ir.spec import META, TensorSpec
 from .ops import attention, timm_norm
@@ -132,8 +133,8 @@ def unwrap(model: nn.Module) -> tuple[nn.Module, list[str]]:
         wrappers.append(name)
 
 
-def trace(model: nn.Module, leaf_modules: Sequence[str] = (),
-          autowrap_functions: Iterable[Callable] = ()) -> fx.GraphModule:
+def trace(model: nn.Module, leaf_modules: Sequence[str] = (), autowrap_functions: Iterable[Callable] = (),
+          example_inputs: Any = None) -> fx.GraphModule:
     """Symbolically trace ``model`` (which is not modified) into a ``GraphModule``.
 
     The result shares submodules with ``model``: deep-copy the model first if the trace will be shrunk
@@ -143,21 +144,26 @@ def trace(model: nn.Module, leaf_modules: Sequence[str] = (),
         model: the module to trace.
         leaf_modules: module paths (glob patterns) or class names to keep as single, opaque calls.
         autowrap_functions: free functions to record as single nodes.
+        example_inputs: the inputs the model will be run with; the parameters after them take their defaults as
+            constants (``fxprune.defaults``).
 
     Raises:
         TraceFailure: naming the module and source line that broke tracing, and how to mark it as a leaf.
     """
+    from .defaults import unbound_defaults
+
     timm_norm.register()  # rules for timm's norm+act layers, which its no-trace registries keep whole
     attention.register_timm()  # timm's attention-mask helpers (manual attention path)
+    concrete = unbound_defaults(model, example_inputs) or None
     tracer = PruneTracer(leaf_modules, autowrap_functions)
     try:
-        graph = tracer.trace(model)
+        graph = tracer.trace(model, concrete)
     except Exception as first:  # torch.fx raises many kinds of errors from user code
         graph, exc = None, first
         if _timm_notrace() != (set(), set()):  # retry keeping timm's no-trace modules whole (they stay unpruned)
             tracer = PruneTracer(leaf_modules, autowrap_functions, use_timm_registries=True)
             try:
-                graph = tracer.trace(model)
+                graph = tracer.trace(model, concrete)
             except Exception as second:
                 exc = second
     if graph is None:
@@ -218,7 +224,8 @@ class MetaShapeRecorder(ShapeRecorder):
         if isinstance(module, self.SAME_SHAPE) and len(args) == 1 and not kwargs:
             return torch.empty_like(args[0])
         state = {n: _meta(t) for n, t in [*module.named_parameters(), *module.named_buffers()]}
-        return torch.func.functional_call(module, state, args, kwargs)
+        with restoring_attributes(module):  # a cache the module fills must not keep meta tensors
+            return torch.func.functional_call(module, state, args, kwargs)
 
     def get_attr(self, target: Any, args: tuple, kwargs: dict) -> Any:
         return _meta(super().get_attr(target, args, kwargs))

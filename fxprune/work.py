@@ -55,7 +55,7 @@ def count_work(model: torch.nn.Module, *inputs: torch.Tensor) -> dict[str, int]:
     # attention biases per device), which would leave proxies in the user's model. The copy shares the weights
     # (nothing writes them; eval mode, so no running statistic moves). A torch.compile'd or DataParallel model is
     # counted by the module it wraps.
-    gm = trace(shared_copy(unwrap(model)[0]).eval())
+    gm = trace(shared_copy(unwrap(model)[0]).eval(), example_inputs=inputs)
     record_shapes(gm, inputs)
     return count_model(gm)
 

@@ -5,12 +5,14 @@ from . import (  # noqa: F401  (importing a rule module registers its rules)
     concat,
     conv,
     elementwise,
+    gmlp,
     io,
     linear,
     maxvit,
     norm,
     reshape,
     split,
+    std_conv,
     window_attention,
 )
 from .registry import OpRule, lookup, module_rule, register_functions, register_op

@@ -60,6 +60,10 @@ class LayerNormAct2dRule(LayerNormRule):
 
 def register() -> None:
     """Register the rules for the timm layers that exist in the installed timm (once; only if timm is imported)."""
+    from . import gmlp, std_conv
+
+    std_conv.register()  # weight-standardized convs (NF-ResNets, NFNets, BiT)
+    gmlp.register()  # gMLP's spatial gating unit
     if _DONE or "timm" not in sys.modules:
         return
     _DONE.append(True)
