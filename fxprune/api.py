@@ -18,6 +18,7 @@ from .passes.shrink_channels import ShrinkChannels
 from .plan import Plan
 from .planner import Planner
 from .recipe import ChannelStage, Recipe
+from .capture.leaves import capture_lines
 from .trace import record_shapes, spec_of, trace, unwrap
 
 log = logging.getLogger(__name__)
@@ -35,12 +36,11 @@ def stage_runner(stage_cls: type) -> Callable:
 
 
 def as_input_tuple(example_inputs: Any) -> tuple:
-    """``example_inputs`` as a tuple: a tensor becomes a 1-tuple; anything else must be a tuple or list."""
-    if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs,)
-    if isinstance(example_inputs, (tuple, list)):
-        return tuple(example_inputs)
-    raise ExampleInputsError(f"example_inputs must be a tensor or a tuple of inputs, got {type(example_inputs).__name__}")
+    """``example_inputs`` as a tuple in graph-input order: a tensor becomes a 1-tuple, a dict of keyword inputs
+    its values; anything else must be a tuple or list."""
+    from .capture import input_tuple
+
+    return input_tuple(example_inputs)
 
 
 def unwrap_model(model: Any) -> nn.Module:
@@ -138,7 +138,9 @@ def compile(  # noqa: A001  (the name users expect)
         model: any traceable ``nn.Module`` (in train or eval mode; the result has the same mode). A ``torch.compile``
             or ``DataParallel`` wrapper is looked through (with a warning); TorchScript modules are refused.
         recipe: a ``Recipe``, a dict, a path to a YAML/JSON recipe file, or YAML/JSON text.
-        example_inputs: a tensor or tuple of tensors the model accepts (small shapes are fine).
+        example_inputs: a tensor or tuple of tensors the model accepts (small shapes are fine), or a dict of keyword
+            inputs (``{"pixel_values": x}``); the pruned model takes the same inputs, in that order, and checks on
+            every call the shapes/dtypes its traced Python decisions depended on (``fxprune.capture``).
         data: calibration data for data-driven criteria (ignored by ``l1``/``l2``/``bn_scale``/``random``).
         evaluate: ``evaluate(model) -> float`` (higher is better), for sensitivity-driven stages.
         finetune: ``finetune(model, step)``, called after each pruning step of iterative stages.
@@ -162,7 +164,8 @@ def compile(  # noqa: A001  (the name users expect)
 
         return compile_submodule(model, recipe, inputs, data=data, evaluate=evaluate, finetune=finetune,
                                  backend=backend)
-    gm = prune_graph(copy.deepcopy(model).eval(), recipe, inputs, data=data, evaluate=evaluate, finetune=finetune)
+    gm = prune_graph(copy.deepcopy(model).eval(), recipe, inputs, data=data, evaluate=evaluate, finetune=finetune,
+                     bind=example_inputs)
     gm.train(model.training)
     if backend is not None:
         compiled = torch.compile(gm, backend=backend, fullgraph=True)
@@ -173,13 +176,17 @@ def compile(  # noqa: A001  (the name users expect)
 
 def prune_graph(module: nn.Module, recipe: Recipe, inputs: tuple, *, data: Any = None,
                 evaluate: Callable[[nn.Module], float] | None = None,
-                finetune: Callable[[nn.Module, int], None] | None = None) -> fx.GraphModule:
+                finetune: Callable[[nn.Module, int], None] | None = None, bind: Any = None) -> fx.GraphModule:
     """Trace ``module`` (a private copy, in eval mode: its submodules end up in the result) and run every stage of
     ``recipe`` on it with ``inputs``; returns the shrunk ``GraphModule`` carrying ``fxprune_plan``/``fxprune_recipe``.
+    ``bind`` is the example inputs as the user gave them (a dict binds by keyword; default ``inputs``).
 
     Raises ``FxPruneError`` if the output shapes changed (outputs are frozen, so they never should).
     """
-    gm = trace(module, recipe.leaf_modules)
+    gm = trace(module, recipe.leaf_modules, example_inputs=inputs if bind is None else bind,
+               strict=recipe.strict_trace)
+    for line in capture_lines(gm):
+        log.info("capture: %s", line)
     record_shapes(gm, inputs)
     before = output_spec(gm)
     plan = Plan()

@@ -216,7 +216,7 @@ def replay_submodule(model: nn.Module, path: str, plan: Any, leaf_modules: list,
     from .passes.replay import apply_plan
     from .trace import record_shapes, trace
 
-    gm = trace(resolve_submodule(model, path).eval(), leaf_modules)
+    gm = trace(resolve_submodule(model, path).eval(), leaf_modules, example_inputs=sub_inputs)
     record_shapes(gm, sub_inputs)
     apply_plan(gm, plan, sub_inputs)
     set_submodule(model, path, gm)

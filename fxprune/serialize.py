@@ -66,12 +66,17 @@ def _input_specs(module: nn.Module, submodule: str, example_inputs: Any) -> list
         return list(getattr(module, "fxprune_submodule_inputs", []))
     if example_inputs is None:
         return []
+    names = list(example_inputs) if isinstance(example_inputs, dict) and not submodule else None
     inputs = as_input_tuple(example_inputs)
     if submodule:
         from .partial import capture_inputs
 
         inputs = capture_inputs(module, submodule, inputs)[0]
-    return [{"shape": list(t.shape), "dtype": str(t.dtype)} for t in inputs if isinstance(t, torch.Tensor)]
+    specs = [{"shape": list(t.shape), "dtype": str(t.dtype)} for t in inputs if isinstance(t, torch.Tensor)]
+    if names is not None and len(names) == len(specs):  # keyword inputs: load binds them by name again
+        for spec, name in zip(specs, names):
+            spec["name"] = name
+    return specs
 
 
 def save(pruned: nn.Module, path: Union[str, Path], *, leaf_modules: Sequence[str] | None = None,
@@ -149,10 +154,14 @@ def _instantiate(model_or_constructor: Union[nn.Module, Callable[[], nn.Module]]
     raise TypeError(f"expected an nn.Module or a zero-argument constructor, got {type(model_or_constructor).__name__}")
 
 
-def _default_inputs(specs: list[dict], path: Path) -> tuple:
+def _default_inputs(specs: list[dict], path: Path) -> Any:
+    """Zeros of the stored input shapes: a tuple, or a dict for keyword inputs."""
     if not specs:
         raise FxPruneError(f"'{path}' stores no example input shapes: pass example_inputs to fxprune.load")
-    return tuple(torch.zeros(s["shape"], dtype=_DTYPES.get(s["dtype"], torch.float32)) for s in specs)
+    values = tuple(torch.zeros(s["shape"], dtype=_DTYPES.get(s["dtype"], torch.float32)) for s in specs)
+    if all("name" in s for s in specs):
+        return {s["name"]: v for s, v in zip(specs, values)}
+    return values
 
 
 def _load_weights(gm: fx.GraphModule, tensors: dict[str, torch.Tensor], path: Path, arch: str) -> None:
@@ -180,7 +189,8 @@ def load(path: Union[str, Path], model_or_constructor: Union[nn.Module, Callable
         path: a file written by ``fxprune.save``.
         model_or_constructor: the ORIGINAL (unpruned) architecture: an instance (deep-copied, never modified; its
             weights are replaced) or a zero-argument constructor such as ``torchvision.models.resnet18``.
-        example_inputs: a tensor or tuple the model accepts, used to record shapes while replaying. Default: zeros
+        example_inputs: a tensor, tuple or dict of keyword inputs the model accepts, used to trace and record
+            shapes while replaying (pass the form given to ``fxprune.compile``). Default: zeros
             of the shapes stored by ``save(..., example_inputs=...)``.
 
     Returns:
@@ -197,7 +207,8 @@ def load(path: Union[str, Path], model_or_constructor: Union[nn.Module, Callable
     plan: Plan = meta["plan"]
     model = _instantiate(model_or_constructor)
     arch = type(model).__name__
-    inputs = _default_inputs(meta["inputs"], p) if example_inputs is None else as_input_tuple(example_inputs)
+    bind = _default_inputs(meta["inputs"], p) if example_inputs is None else example_inputs
+    inputs = as_input_tuple(bind)
     try:
         if meta["submodule"]:  # partial tracing: replay on the same submodule, return the whole model
             from .partial import capture_inputs, replay_submodule
@@ -205,7 +216,7 @@ def load(path: Union[str, Path], model_or_constructor: Union[nn.Module, Callable
             sub_inputs = inputs if example_inputs is None else capture_inputs(model, meta["submodule"], inputs)[0]
             gm = replay_submodule(model, meta["submodule"], plan, meta["leaf_modules"], sub_inputs)
         else:
-            gm = trace(model.eval(), meta["leaf_modules"])
+            gm = trace(model.eval(), meta["leaf_modules"], example_inputs=bind)
             record_shapes(gm, inputs)
             apply_plan(gm, plan, inputs)
     except PlanError as exc:

@@ -14,6 +14,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from .capture.outputs import output_structure
 from .outputs import tensors_of
 from .plan import Plan
 
@@ -129,9 +130,9 @@ def masked_model(model: nn.Module, plan: Plan, example_inputs: Sequence[Any], le
     modules whose rules prune internal axes no graph tensor shows (attention heads: ``mask_removed``) are deep
     copies with the removed slices zeroed; ``model`` itself is never modified.
     """
-    gm = trace(model, leaf_modules)
+    gm = trace(model, leaf_modules, example_inputs=example_inputs)
     with _eval_mode(gm):
-        record_shapes(gm, tuple(example_inputs))
+        record_shapes(gm, _as_tuple(example_inputs))
     _mask_leaf_internals(gm, plan)
     norms = _norm_nodes(gm) if plan.options.get("layer_norm") == "renormalize" else []
     by_node: dict[str, dict[int, torch.Tensor]] = {}
@@ -207,6 +208,13 @@ def _eval_mode(module: nn.Module) -> Iterator[None]:
             m.training = flag
 
 
+def _as_tuple(inputs: Any) -> tuple:
+    """Example inputs (a tensor, a tuple/list, or a dict of keyword inputs) as a tuple in graph-input order."""
+    from .capture import input_tuple
+
+    return input_tuple(inputs)
+
+
 def _run_eval(module: nn.Module, inputs: tuple) -> Any:
     with _eval_mode(module):
         return module(*inputs)
@@ -229,20 +237,24 @@ def assert_masked_equals_shrunk(
     Args:
         model: the original, unpruned model.
         plan: the plan (``pruned.fxprune_plan``).
-        inputs: a tuple of inputs.
+        inputs: a tensor, a tuple of inputs or a dict of keyword inputs (as given to ``fxprune.compile``).
         shrunk: the physically pruned model; defaults to replaying ``plan`` on ``model``.
         atol, rtol: tolerances; ``atol`` is scaled by the largest output magnitude (randomly initialised deep
             nets reach large activations, and float32 sums in another order differ by a relative amount).
     """
-    inputs = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
+    bind, inputs = inputs, _as_tuple(inputs)
     if shrunk is None:
         from .passes.replay import apply_plan
 
-        shrunk = trace(copy.deepcopy(model).eval(), leaf_modules)
+        shrunk = trace(copy.deepcopy(model).eval(), leaf_modules, example_inputs=bind)
         record_shapes(shrunk, inputs)
         apply_plan(shrunk, plan, inputs)
-    masked = masked_model(model, plan, inputs, leaf_modules)
-    want, got = tensors_of(_run_eval(masked, inputs)), tensors_of(_run_eval(shrunk, inputs))
+    masked = masked_model(model, plan, bind, leaf_modules)
+    want_out, got_out = _run_eval(masked, inputs), _run_eval(shrunk, inputs)
+    want_structure, got_structure = output_structure(want_out), output_structure(got_out)
+    assert want_structure[0] == got_structure[0], \
+        f"masked model returns {want_structure[0]}, shrunk model {got_structure[0]}"
+    want, got = tensors_of(want_out), tensors_of(got_out)
     assert len(want) == len(got), f"masked model returns {len(want)} tensors, shrunk model {len(got)}"
     for i, (w, g) in enumerate(zip(want, got)):
         assert w.shape == g.shape, f"output {i}: masked shape {tuple(w.shape)} != shrunk shape {tuple(g.shape)}"
@@ -290,10 +302,16 @@ def prune_and_check(model: nn.Module, recipe: Any, inputs: Any, *, atol: float =
     from .api import compile as fx_compile
     from .recipe import Recipe
 
-    inputs = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
+    inputs = inputs if isinstance(inputs, dict) else _as_tuple(inputs)
     recipe = Recipe.load(recipe)
     state = state_digest(model)  # digests, not clones: vit_h_14 is 2.5 GB
     pruned = fx_compile(model, recipe, example_inputs=inputs)
+    with _eval_mode(model):
+        original = model(**inputs) if isinstance(inputs, dict) else model(*inputs)
+    with _eval_mode(pruned):
+        returned = pruned(*_as_tuple(inputs))
+    assert output_structure(original)[0] == output_structure(returned)[0], \
+        f"the pruned model returns {output_structure(returned)[0]}, the original {output_structure(original)[0]}"
     after = state_digest(model)
     changed = sorted(k for k in state.keys() | after.keys() if state.get(k) != after.get(k))
     assert not changed, f"compile modified the input model at {changed}"
@@ -305,7 +323,7 @@ def analyze_model(model: nn.Module, *inputs: torch.Tensor) -> "Analysis":
     """Trace, record shapes and analyze ``model`` (a deep copy) in eval mode."""
     from .graph.dependency import analyze
 
-    gm = trace(copy.deepcopy(model).eval())
+    gm = trace(copy.deepcopy(model).eval(), example_inputs=inputs)
     record_shapes(gm, inputs)
     return analyze(gm)
 

@@ -59,7 +59,7 @@ def count_work(model: "torch.nn.Module", *inputs: "torch.Tensor") -> dict[str, i
     # Trace a copy: tracing runs forward code, and some models cache what it computes (timm LeViT caches its
     # attention biases per device), which would leave proxies in the user's model. A torch.compile'd or
     # DataParallel model is counted by the module it wraps.
-    gm = trace(copy.deepcopy(unwrap(model)[0]))
+    gm = trace(copy.deepcopy(unwrap(model)[0]), example_inputs=inputs)
     record_shapes(gm, inputs)
     return count_model(gm)
 
