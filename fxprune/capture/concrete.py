@@ -30,6 +30,31 @@ MISSING = object()  # a node whose value could not be computed on the meta devic
 _SPLITS = ("chunk", "split", "split_with_sizes", "tensor_split")
 
 
+_DATA_DEPENDENT = {"nonzero", "unique", "unique_consecutive", "masked_select", "argwhere", "bincount",
+                   "repeat_interleave", "item", "tolist", "where", "nms", "batched_nms", "histc"}
+
+
+def _on_meta(node: fx.Node, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """Arguments with every device replaced by the meta device (``x.to(x.device)``, ``arange(n, device=d)``):
+    values live on the meta device, device queries answer the example's device."""
+    def meta(v: Any) -> Any:
+        return torch.device("meta") if isinstance(v, torch.device) else v
+
+    args = tuple(meta(a) for a in args)
+    kwargs = {k: ("meta" if k == "device" and v is not None else meta(v)) for k, v in kwargs.items()}
+    if node.op == "call_method" and node.target == "to" and len(args) > 1 and isinstance(args[1], str):
+        try:
+            torch.device(args[1])
+            args = (args[0], "meta", *args[2:])
+        except RuntimeError:
+            pass
+    return args, kwargs
+
+
+def _ints(value: Any) -> bool:
+    return isinstance(value, (tuple, list)) and bool(value) and all(type(v) is int for v in value)
+
+
 def _to_meta(value: Any) -> Any:
     return tree_map(lambda v: v.to("meta") if isinstance(v, torch.Tensor) and not v.is_meta else v, value)
 
@@ -118,6 +143,8 @@ class ConcreteTracer(PruneTracer):
         kwargs = fx.node.map_arg(node.kwargs, value)
         if missing:
             return MISSING
+        if node.op in ("call_function", "call_method"):
+            args, kwargs = _on_meta(node, args, kwargs)
         try:
             with torch.no_grad():
                 if node.op == "get_attr":
@@ -132,9 +159,25 @@ class ConcreteTracer(PruneTracer):
                     return _to_meta(getattr(args[0], node.target)(*args[1:], **kwargs))
                 if node.op == "call_module":
                     return self._run_leaf(self.root.get_submodule(node.target), args, kwargs)
-        except Exception:  # an op without a meta kernel or that needs data: unknown from here on
-            return MISSING
+        except Exception:  # an op without a meta kernel or that needs data
+            return self._on_zeros(node, args, kwargs)
         return MISSING
+
+    def _on_zeros(self, node: fx.Node, args: tuple, kwargs: dict) -> Any:
+        """An op without a meta kernel, run on zeros of its inputs' shapes; ``MISSING`` for ops whose output shape
+        depends on the data (their shape would be the zeros', not the example's)."""
+        name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+        if node.op not in ("call_function", "call_method") or name in _DATA_DEPENDENT:
+            return MISSING
+        real = tree_map(lambda v: torch.zeros(v.shape, dtype=v.dtype, device=self.device)
+                        if isinstance(v, torch.Tensor) and v.is_meta else v, (args, kwargs))
+        try:
+            with torch.no_grad(), _maybe_revert_all_patches():
+                if node.op == "call_function":
+                    return _to_meta(node.target(*real[0], **real[1]))
+                return _to_meta(getattr(real[0][0], node.target)(*real[0][1:], **real[1]))
+        except Exception:  # unknown from here on: a decision on it fails and its module becomes a leaf
+            return MISSING
 
     def _fetch(self, target: str) -> Any:
         prefix, _, name = target.rpartition(".")
@@ -193,7 +236,7 @@ class ConcreteTracer(PruneTracer):
         v = self._value(obj, "len()")
         node = obj.node
         name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
-        if isinstance(v, (tuple, list)) and not isinstance(v, torch.Size):
+        if isinstance(v, (tuple, list)) and not isinstance(v, torch.Size) and not _ints(v):
             if name not in _SPLITS and name != "unbind" or _static_length(node) is not None:
                 return len(v)  # a structure fixed by the code that built it, not by shapes
         self.guards.decisions.append(Decision(f"len({node.name})", source_line(), self._len_reads(node, v)))
@@ -208,7 +251,9 @@ class ConcreteTracer(PruneTracer):
             if meta is not None and meta[1] == "shape":
                 src = _tensor_source(meta[0])
                 return frozenset() if src is False else frozenset({Read(src or None, "ndim")})
-            return reads_of(node, self._ndims)
+        if _ints(v):  # shape arithmetic (x.size()[:-1] + (h, d)): its length follows the inputs' ndims
+            return frozenset(Read(r.input, "ndim") if r.kind in ("dim", "shape") else r
+                             for r in reads_of(node, self._ndims))
         return frozenset({Read(None, "shape")})
 
     def keys(self, obj: fx.Proxy) -> Any:

@@ -23,6 +23,7 @@ from ..errors import TraceFailure
 from .concrete import ConcreteTracer
 from .guards import guard_nodes, short_path
 from .outputs import attach_structure
+from .shapes import spell_out_shapes
 from .signature import bind_inputs
 
 log = logging.getLogger(__name__)
@@ -69,9 +70,12 @@ def _snapshot(model: nn.Module) -> dict[nn.Module, dict[str, Any]]:
 
 
 def _restore(snapshot: dict[nn.Module, dict[str, Any]]) -> None:
+    """Put back each module's attributes; keep the tensor constants torch.fx stores on the root while tracing."""
     for m, attrs in snapshot.items():
+        added = {k: v for k, v in m.__dict__.items() if k.startswith("_tensor_constant") and k not in attrs}
         m.__dict__.clear()
         m.__dict__.update(attrs)
+        m.__dict__.update(added)
 
 
 def _failure(model: nn.Module, where: str, exc: BaseException, strict: bool) -> TraceFailure:
@@ -136,6 +140,7 @@ def capture(model: nn.Module, example_inputs: Any, leaf_modules: Sequence[str] =
             notes.append(note)
         finally:
             _restore(state)
+    spell_out_shapes(graph, tracer.values)
     drop_dead_metadata(graph)
     attach_structure(graph, tracer.out_spec)
     inputs = dict(zip(bound.names, bound.values))
