@@ -306,12 +306,6 @@ def prune_and_check(model: nn.Module, recipe: Any, inputs: Any, *, atol: float =
     recipe = Recipe.load(recipe)
     state = state_digest(model)  # digests, not clones: vit_h_14 is 2.5 GB
     pruned = fx_compile(model, recipe, example_inputs=inputs)
-    with _eval_mode(model):
-        original = model(**inputs) if isinstance(inputs, dict) else model(*inputs)
-    with _eval_mode(pruned):
-        returned = pruned(*_as_tuple(inputs))
-    assert output_structure(original)[0] == output_structure(returned)[0], \
-        f"the pruned model returns {output_structure(returned)[0]}, the original {output_structure(original)[0]}"
     after = state_digest(model)
     changed = sorted(k for k in state.keys() | after.keys() if state.get(k) != after.get(k))
     assert not changed, f"compile modified the input model at {changed}"
