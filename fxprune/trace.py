@@ -242,7 +242,8 @@ class MetaShapeRecorder(ShapeRecorder):
         return torch.func.functional_call(module, state, args, kwargs)
 
     def get_attr(self, target: Any, args: tuple, kwargs: dict) -> Any:
-        return _meta(super().get_attr(target, args, kwargs))
+        value = super().get_attr(target, args, kwargs)  # a 0-dim constant stays: meta ops take CPU scalars
+        return value if isinstance(value, torch.Tensor) and value.ndim == 0 and not value.is_meta else _meta(value)
 
 
 def record_shapes(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Any:

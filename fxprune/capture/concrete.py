@@ -80,6 +80,9 @@ class ConcreteProxy(fx.Proxy):
     def __float__(self) -> float:
         return self.tracer.decide_scalar(self, float)  # type: ignore[attr-defined]
 
+    def __setitem__(self, key: Any, value: Any) -> None:  # y[:, 2::3] = y[:, 2::3].sigmoid(): an in-place node
+        self.tracer.create_proxy("call_function", operator.setitem, (self, key, value), {})
+
     def __contains__(self, item: Any) -> bool:
         return self.tracer.decide_scalar(self, lambda v: item in v)  # type: ignore[attr-defined]
 

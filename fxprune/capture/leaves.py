@@ -7,15 +7,17 @@ traces is never swallowed by its parent's leaf. Each leaf is logged and noted (m
 reason). With ``strict`` the first failure raises ``TraceFailure`` instead.
 
 Tracing runs the model's Python code, which may cache what it computes on its modules (Ultralytics' ``Detect``
-stores its anchors and the input shape); every module's attributes are restored afterwards.
+stores its anchors and the input shape); every attribute left holding a proxy or a meta tensor is restored.
 """
 from __future__ import annotations
 
 import logging
 import traceback
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
+import torch
 import torch.fx as fx
 from torch import nn
 
@@ -64,18 +66,41 @@ def _user_frame(exc: BaseException) -> str:
 
 
 def _snapshot(model: nn.Module) -> dict[nn.Module, dict[str, Any]]:
-    """Each module's attributes, with dict/list values copied one level (caches mutated in place)."""
-    return {m: {k: (v.copy() if type(v) in (dict, list, set) else v) for k, v in m.__dict__.items()}
+    """Each module's attributes, with dict values copied one level (caches mutated in place)."""
+    return {m: {k: (v.copy() if type(v) in (dict, OrderedDict) else v) for k, v in m.__dict__.items()}
             for m in model.modules()}
 
 
+def _tainted(value: Any, depth: int = 0) -> bool:
+    """Whether a value holds a proxy or a meta tensor (something tracing computed), up to three levels deep."""
+    if isinstance(value, fx.Proxy) or isinstance(value, torch.Tensor) and value.is_meta:
+        return True
+    if depth < 3 and isinstance(value, (tuple, list, set)):
+        return any(_tainted(v, depth + 1) for v in value)
+    if depth < 3 and isinstance(value, dict):
+        return any(_tainted(v, depth + 1) for v in value.values())
+    return False
+
+
 def _restore(snapshot: dict[nn.Module, dict[str, Any]]) -> None:
-    """Put back each module's attributes; keep the tensor constants torch.fx stores on the root while tracing."""
-    for m, attrs in snapshot.items():
-        added = {k: v for k, v in m.__dict__.items() if k.startswith("_tensor_constant") and k not in attrs}
-        m.__dict__.clear()
-        m.__dict__.update(attrs)
-        m.__dict__.update(added)
+    """Undo what tracing cached on the modules: every attribute (or dict entry) now holding a proxy or a meta
+    tensor gets its old value back (or is removed). Other changes stay: hooks or flags the model's code installs
+    on a first call are what an eager first call installs too."""
+    for m, old in snapshot.items():
+        now = m.__dict__
+        for key in list(now):
+            value = now[key]
+            if type(value) in (dict, OrderedDict) and type(old.get(key)) is type(value):
+                for k in [k for k, v in value.items() if _tainted(v)]:
+                    if k in old[key]:
+                        value[k] = old[key][k]
+                    else:
+                        del value[k]
+            elif _tainted(value):
+                if key in old:
+                    now[key] = old[key]
+                else:
+                    del now[key]
 
 
 def _failure(model: nn.Module, where: str, exc: BaseException, strict: bool) -> TraceFailure:
