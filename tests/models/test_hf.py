@@ -21,7 +21,8 @@ MODELS = ["ViTForImageClassification", "SwinForImageClassification", "ConvNextFo
           "DeiTForImageClassification", "BeitForImageClassification", "CLIPVisionModel", "Swinv2ForImageClassification",
           "YolosForObjectDetection", "SiglipVisionModel", "PvtV2ForImageClassification", "DPTForDepthEstimation",
           "RegNetForImageClassification", "MobileNetV2ForImageClassification", "EfficientNetForImageClassification",
-          "MobileViTForImageClassification"]
+          "MobileViTForImageClassification", "Dinov2WithRegistersModel", "PoolFormerForImageClassification",
+          "FocalNetForImageClassification", "LevitForImageClassification", "HieraForImageClassification"]
 
 
 @pytest.mark.parametrize("name", MODELS)

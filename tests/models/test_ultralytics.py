@@ -33,3 +33,16 @@ def test_yolo_whole_model_prunes_head_internals(cfg: str) -> None:
     assert len(shrunk) >= len(inner) // 3, f"head internals pruned: {shrunk} of {inner}"
     with pytest.raises(GuardError, match=r"shape\[2\] = 96"):
         pruned(torch.rand(1, 3, 96, 96))
+
+
+@pytest.mark.parametrize("cfg", ["yolov8n-seg.yaml", "yolov8n-pose.yaml", "yolov8n-obb.yaml", "yolov8n-cls.yaml"])
+def test_yolo_task_heads_prune(cfg: str) -> None:
+    from ultralytics.nn import tasks
+
+    kind = cfg.split("-")[1].split(".")[0]
+    model_cls = {"seg": tasks.SegmentationModel, "pose": tasks.PoseModel, "obb": tasks.OBBModel,
+                 "cls": tasks.ClassificationModel}[kind]
+    torch.manual_seed(0)
+    model = model_cls(cfg, verbose=False).eval()
+    pruned = prune_and_check(model, channel_recipe(0.5, "flops"), (torch.rand(1, 3, 64, 64),))
+    assert sum(p.numel() for p in pruned.parameters()) < 0.75 * sum(p.numel() for p in model.parameters())
