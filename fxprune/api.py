@@ -11,7 +11,7 @@ import torch.fx as fx
 from torch import nn
 
 from .criteria import ScoreContext, get_criterion
-from .errors import ExampleInputsError, FxPruneError
+from .errors import FxPruneError
 from .graph.dependency import analyze
 from .graph.space import Space
 from .passes.shrink_channels import ShrinkChannels

@@ -29,7 +29,8 @@ def test_yolo_whole_model_prunes_head_internals(cfg: str) -> None:
     finals = {f"model.{index}.{s}.{level}.2" for s in ("cv2", "cv3") for level in range(head.nl)}
     inner = [name for name, m in model.named_modules() if name.startswith(f"model.{index}.cv")
              and isinstance(m, torch.nn.Conv2d) and name not in finals]
-    shrunk = [name for name in inner if pruned.get_submodule(name).out_channels < model.get_submodule(name).out_channels]
+    shrunk = [name for name in inner
+              if pruned.get_submodule(name).out_channels < model.get_submodule(name).out_channels]
     assert len(shrunk) >= len(inner) // 3, f"head internals pruned: {shrunk} of {inner}"
     with pytest.raises(GuardError, match=r"shape\[2\] = 96"):
         pruned(torch.rand(1, 3, 96, 96))
