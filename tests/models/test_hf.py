@@ -40,3 +40,15 @@ def test_hf_vit_guard_on_other_resolution() -> None:
     pruned = prune_and_check(model, channel_recipe(0.3, "flops"), inputs)
     with pytest.raises(GuardError, match=r"pixel_values.*shape\[2\] = 64.*modeling_vit.py"):
         pruned(torch.randn(1, 3, 64, 64))
+
+
+def test_hf_vit_pruned_exports_and_compiles_fullgraph() -> None:
+    from fxprune.testing import assert_compiles
+
+    model, inputs = build("ViTForImageClassification")
+    pruned = prune_and_check(model, channel_recipe(0.3, "flops"), inputs)
+    x = inputs["pixel_values"]
+    exported = torch.export.export(pruned, (x,)).module()
+    with torch.no_grad():
+        torch.testing.assert_close(exported(x).logits, pruned(x).logits)
+    assert_compiles(pruned, x)
