@@ -100,5 +100,5 @@ def input_tuple(example_inputs: Any) -> tuple:
         return (example_inputs,)
     if isinstance(example_inputs, (tuple, list)):
         return tuple(example_inputs)
-    raise ExampleInputsError(f"example_inputs must be a tensor, a tuple of inputs or a dict of keyword inputs, got "
-                             f"{type(example_inputs).__name__}")
+    raise ExampleInputsError(f"example_inputs must be a tensor or a tuple of inputs (or a dict of keyword inputs), "
+                             f"got {type(example_inputs).__name__}")
