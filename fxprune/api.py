@@ -12,6 +12,7 @@ import torch.fx as fx
 from torch import nn
 
 from . import stages  # noqa: F401  (every stage kind registers itself on import)
+from .capture.leaves import capture_lines
 from .copies import shared_copy, unshare
 from .criteria import ScoreContext
 from .errors import FxPruneError
@@ -71,7 +72,9 @@ def compile(
         model: any traceable ``nn.Module`` (in train or eval mode; the result has the same mode). A ``torch.compile``
             or ``DataParallel`` wrapper is looked through (with a warning); TorchScript modules are refused.
         recipe: a ``Recipe``, a dict, a path to a YAML/JSON recipe file, or YAML/JSON text.
-        example_inputs: a tensor or tuple of tensors the model accepts (small shapes are fine).
+        example_inputs: a tensor or tuple of tensors the model accepts (small shapes are fine), or a dict of keyword
+            inputs (``{"pixel_values": x}``); the pruned model takes the same inputs, in that order, and checks on
+            every call the shapes/dtypes its traced Python decisions depended on (``fxprune.capture``).
         data: calibration data for data-driven criteria (ignored by ``l1``/``l2``/``bn_scale``/``random``).
         evaluate: ``evaluate(model) -> float`` (higher is better), for sensitivity-driven stages.
         finetune: ``finetune(model, step)``, called after each pruning step of iterative stages.
@@ -98,7 +101,8 @@ def compile(
     # User callbacks may train or run the working model in train mode: they get a private deep copy. Otherwise the
     # copy aliases the model's weights until they are shrunk (half the peak memory on big models).
     work = copy.deepcopy(model) if evaluate is not None or finetune is not None else shared_copy(model)
-    gm = prune_graph(work.eval(), recipe, inputs, data=data, evaluate=evaluate, finetune=finetune)
+    gm = prune_graph(work.eval(), recipe, inputs, data=data, evaluate=evaluate, finetune=finetune,
+                     bind=example_inputs)
     unshare(gm, model)
     gm.train(model.training)
     if backend is not None:
@@ -111,13 +115,17 @@ def compile(
 
 def prune_graph(module: nn.Module, recipe: Recipe, inputs: tuple, *, data: Any = None,
                 evaluate: Callable[[nn.Module], float] | None = None,
-                finetune: Callable[[nn.Module, int], None] | None = None) -> fx.GraphModule:
+                finetune: Callable[[nn.Module, int], None] | None = None, bind: Any = None) -> fx.GraphModule:
     """Trace ``module`` (a private copy, in eval mode: its submodules end up in the result) and run every stage of
     ``recipe`` on it with ``inputs``; returns the shrunk ``GraphModule`` carrying ``fxprune_plan``/``fxprune_recipe``.
+    ``bind`` is the example inputs as the user gave them (a dict binds by keyword; default ``inputs``).
 
     Raises ``FxPruneError`` if the output shapes changed (outputs are frozen, so they never should).
     """
-    gm = trace(module, recipe.leaf_modules, example_inputs=inputs)
+    gm = trace(module, recipe.leaf_modules, example_inputs=inputs if bind is None else bind,
+               strict=recipe.strict_trace)
+    for line in capture_lines(gm):
+        log.info("capture: %s", line)
     record_shapes(gm, inputs)
     before = output_spec(gm)
     plan = Plan()
@@ -128,6 +136,8 @@ def prune_graph(module: nn.Module, recipe: Recipe, inputs: tuple, *, data: Any =
     if before != after:
         raise FxPruneError(f"internal error: output shapes changed from {before} to {after}")
     attach_result(gm, plan, recipe)
+    if isinstance(bind, dict):  # keyword inputs: fxprune.save stores their names
+        setattr(gm, "fxprune_input_names", list(bind))
     return gm
 
 

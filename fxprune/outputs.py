@@ -1,6 +1,8 @@
-"""Flattening model outputs (tensors nested in tuples, lists, dicts and named tuples) into a list of tensors."""
+"""Flattening model outputs (tensors nested in tuples, lists, dicts, named tuples and dataclasses) into a list of
+tensors."""
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -14,4 +16,6 @@ def tensors_of(out: Any) -> list[torch.Tensor]:
         return [t for v in out.values() for t in tensors_of(v)]
     if isinstance(out, (tuple, list)):
         return [t for v in out for t in tensors_of(v)]
+    if dataclasses.is_dataclass(out) and not isinstance(out, type):
+        return [t for f in dataclasses.fields(out) for t in tensors_of(getattr(out, f.name))]
     return []

@@ -38,12 +38,14 @@ class Recipe:
 
     ``submodule`` is the dotted path of the one submodule to prune (e.g. ``"backbone"`` of a torchvision detector,
     see ``fxprune.submodule``); ``""`` prunes the whole model. ``leaf_modules`` are then relative to that submodule.
+    ``strict_trace`` makes an untraceable submodule an error instead of an automatic leaf (``fxprune.capture``).
     """
 
     stages: list = field(default_factory=list)
     version: int = RECIPE_VERSION
     leaf_modules: list = field(default_factory=list)
     submodule: str = ""
+    strict_trace: bool = False
 
     def __post_init__(self) -> None:
         self.validate()
@@ -59,6 +61,8 @@ class Recipe:
             raise RecipeError("leaf_modules", f"must be a list of module paths or class names, "
                                               f"got {self.leaf_modules!r}")
         validate_submodule_path(self.submodule)
+        if not isinstance(self.strict_trace, bool):
+            raise RecipeError("strict_trace", f"must be true or false, got {self.strict_trace!r}")
         rewriter = None
         for i, stage in enumerate(self.stages):
             if not isinstance(stage, Stage):
@@ -78,6 +82,8 @@ class Recipe:
                "stages": [s.to_dict() for s in self.stages]}
         if self.submodule:  # written only when set: whole-model recipes keep their exact form
             out["submodule"] = self.submodule
+        if self.strict_trace:
+            out["strict_trace"] = True
         return out
 
     def to_json(self) -> str:
@@ -102,7 +108,8 @@ class Recipe:
                 raise RecipeError(path, f"must be a mapping, got {type(s).__name__}")
             parsed.append(stage_class(s.get("kind", "channels"), f"{path}.kind").from_dict(s, path))
         return cls(stages=parsed, version=data.get("version", RECIPE_VERSION),
-                   leaf_modules=data.get("leaf_modules", []), submodule=data.get("submodule", ""))
+                   leaf_modules=data.get("leaf_modules", []), submodule=data.get("submodule", ""),
+                   strict_trace=data.get("strict_trace", False))
 
     @classmethod
     def from_file(cls, path: str | Path) -> Recipe:

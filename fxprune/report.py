@@ -31,6 +31,7 @@ class Report:
     layers: list[tuple[str, str, tuple[int, int], tuple[int, int]]] = field(default_factory=list)
     frozen: list[dict] = field(default_factory=list)
     submodule: str = ""
+    capture: list[str] = field(default_factory=list)  # automatic leaves and guards of the capture (fxprune.capture)
 
     @property
     def params_ratio(self) -> float:
@@ -47,6 +48,9 @@ class Report:
                  f"{'layer':40s} {'type':18s} {'in':>11s} {'out':>11s}"]
         for name, kind, (i0, o0), (i1, o1) in self.layers:
             lines.append(f"{name:40s} {kind:18s} {f'{i0}->{i1}':>11s} {f'{o0}->{o1}':>11s}")
+        leaves = [c for c in self.capture if c.startswith("auto leaf")]
+        if leaves:
+            lines += ["", f"automatic leaves ({len(leaves)}, kept unpruned):", *[f"  {c}" for c in leaves]]
         if self.frozen:
             lines += ["", f"frozen groups ({len(self.frozen)}):"]
             for g in self.frozen:
@@ -60,19 +64,26 @@ def report(before: nn.Module, after: nn.Module, example_inputs: Any) -> Report:
     For a model pruned with a recipe ``submodule`` (a detector's backbone), MACs are those of that submodule on
     the inputs it receives from one run of the whole model (the rest may not trace); params are whole-model counts.
     """
-    inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+    from .capture import input_tuple
+    from .capture.leaves import capture_lines
+
+    bind = example_inputs
+    inputs = input_tuple(example_inputs)
     sub = getattr(getattr(after, "fxprune_recipe", None), "submodule", "") or ""
     before, after = unwrap(before)[0], unwrap(after)[0]  # torch.compile / DataParallel wrappers
     if sub:
         sub_inputs, _ = capture_inputs(before, sub, inputs)
-        pairs = [(before.get_submodule(sub), sub_inputs), (after.get_submodule(sub), sub_inputs)]
-    else:
-        pairs = [(before, inputs), (after, inputs)]
-    counts = []
-    for model, args in pairs:
-        gm = trace(shared_copy(model).eval(), example_inputs=args)  # weights shared: traced, run in eval mode
+        pairs = [(before.get_submodule(sub), sub_inputs, sub_inputs), (after.get_submodule(sub), sub_inputs,
+                                                                        sub_inputs)]
+    else:  # the pruned GraphModule takes the inputs in graph order
+        pairs = [(before, bind, inputs), (after, inputs, inputs)]
+    counts: list[dict] = []
+    notes: list[str] = []
+    for model, given, args in pairs:
+        gm = trace(shared_copy(model).eval(), example_inputs=given)  # weights shared: traced, run in eval mode
         record_shapes(gm, args)
         counts.append(count_model(gm))
+        notes = notes or capture_lines(gm)
     if sub:
         for c, model in zip(counts, (before, after)):
             c["params"] = sum(p.numel() for p in model.parameters())
@@ -86,7 +97,7 @@ def report(before: nn.Module, after: nn.Module, example_inputs: Any) -> Report:
             layers.append((name, type(m).__name__, w0, w1))
     plan = getattr(after, "fxprune_plan", None)
     return Report((counts[0]["params"], counts[1]["params"]), (counts[0]["macs"], counts[1]["macs"]), layers,
-                  list(plan.frozen) if plan is not None else [], sub)
+                  list(plan.frozen) if plan is not None else [], sub, notes)
 
 
 __all__ = ["Report", "report"]

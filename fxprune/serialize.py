@@ -68,12 +68,17 @@ def _input_specs(module: nn.Module, submodule: str, example_inputs: Any) -> list
         return list(getattr(module, "fxprune_submodule_inputs", []))
     if example_inputs is None:
         return traced_input_specs(module)
+    names = list(example_inputs) if isinstance(example_inputs, dict) and not submodule else None
     inputs = as_input_tuple(example_inputs)
     if submodule:
         from .submodule import capture_inputs
 
         inputs = capture_inputs(module, submodule, inputs)[0]
-    return [{"shape": list(t.shape), "dtype": str(t.dtype)} for t in inputs if isinstance(t, torch.Tensor)]
+    specs = [{"shape": list(t.shape), "dtype": str(t.dtype)} for t in inputs if isinstance(t, torch.Tensor)]
+    if names is not None and len(names) == len(specs):  # keyword inputs: load binds them by name again
+        for spec, name in zip(specs, names):
+            spec["name"] = name
+    return specs
 
 
 def traced_input_specs(module: nn.Module) -> list[dict]:
@@ -89,6 +94,10 @@ def traced_input_specs(module: nn.Module) -> list[dict]:
         spec = spec_of(node)
         if isinstance(spec, TensorSpec):
             specs.append({"shape": list(spec.shape), "dtype": str(spec.dtype)})
+    names = getattr(module, "fxprune_input_names", None)  # keyword inputs: load binds them by name again
+    if names is not None and len(names) == len(specs):
+        for spec, name in zip(specs, names):
+            spec["name"] = name
     return specs
 
 
@@ -170,10 +179,14 @@ def _instantiate(model_or_constructor: nn.Module | Callable[[], nn.Module]) -> n
     raise TypeError(f"expected an nn.Module or a zero-argument constructor, got {type(model_or_constructor).__name__}")
 
 
-def _default_inputs(specs: list[dict], path: Path) -> tuple:
+def _default_inputs(specs: list[dict], path: Path) -> Any:
+    """Zeros of the stored input shapes: a tuple, or a dict for keyword inputs."""
     if not specs:
         raise FxPruneError(f"'{path}' stores no example input shapes: pass example_inputs to fxprune.load")
-    return tuple(torch.zeros(s["shape"], dtype=_DTYPES.get(s["dtype"], torch.float32)) for s in specs)
+    values = tuple(torch.zeros(s["shape"], dtype=_DTYPES.get(s["dtype"], torch.float32)) for s in specs)
+    if all("name" in s for s in specs):
+        return {s["name"]: v for s, v in zip(specs, values)}
+    return values
 
 
 def _load_weights(gm: nn.Module, tensors: dict[str, torch.Tensor], path: Path, arch: str) -> None:
@@ -202,8 +215,9 @@ def load(path: str | Path, model_or_constructor: nn.Module | Callable[[], nn.Mod
         path: a file written by ``fxprune.save``.
         model_or_constructor: the ORIGINAL (unpruned) architecture: an instance (deep-copied, never modified; its
             weights are replaced) or a zero-argument constructor such as ``torchvision.models.resnet18``.
-        example_inputs: a tensor or tuple the model accepts, used to record shapes while replaying. Default: zeros
-            of the shapes ``save`` stored (the pruned model's own example-input shapes).
+        example_inputs: a tensor, tuple or dict of keyword inputs the model accepts, used to trace and record
+            shapes while replaying (pass the form given to ``fxprune.compile``). Default: zeros of the shapes
+            ``save`` stored (the pruned model's own example-input shapes, by name for keyword inputs).
 
     Returns:
         A ``torch.fx.GraphModule`` with ``fxprune_plan``, in the train/eval mode the pruned model was saved in; for
@@ -219,7 +233,8 @@ def load(path: str | Path, model_or_constructor: nn.Module | Callable[[], nn.Mod
     plan: Plan = meta["plan"]
     model = _instantiate(model_or_constructor)
     arch = type(model).__name__
-    inputs = _default_inputs(meta["inputs"], p) if example_inputs is None else as_input_tuple(example_inputs)
+    bind = _default_inputs(meta["inputs"], p) if example_inputs is None else example_inputs
+    inputs = as_input_tuple(bind)
     gm: nn.Module
     try:
         if meta["submodule"]:  # partial tracing: replay on the same submodule, return the whole model
@@ -228,13 +243,15 @@ def load(path: str | Path, model_or_constructor: nn.Module | Callable[[], nn.Mod
             sub_inputs = inputs if example_inputs is None else capture_inputs(model, meta["submodule"], inputs)[0]
             gm = replay_submodule(model, meta["submodule"], plan, meta["leaf_modules"], sub_inputs)
         else:
-            gm = trace(model.eval(), meta["leaf_modules"], example_inputs=inputs)
+            gm = trace(model.eval(), meta["leaf_modules"], example_inputs=bind)
             record_shapes(gm, inputs)
             apply_plan(gm, plan, inputs)
     except PlanError as exc:
         raise PlanError(f"the plan in '{p}' does not fit {arch}: {exc}") from exc
     _load_weights(gm, load_file(str(p)), p, arch)
     setattr(gm, "fxprune_plan", plan)  # nn.Module's typed __setattr__ names only tensors and modules
+    if isinstance(bind, dict):
+        setattr(gm, "fxprune_input_names", list(bind))
     gm.train(bool(meta["training"]))
     log.info("loaded %s from %s (%d spaces shrunk)", arch, p, len(plan.kept))
     return gm

@@ -20,6 +20,7 @@ from torch import nn
 
 from .analysis import Analysis, analyze
 from .api import compile as fx_compile
+from .capture.outputs import output_structure
 from .ir.space import Space
 from .ir.spec import TensorSpec, spec_of
 from .ops.registry import module_rule
@@ -130,9 +131,9 @@ def masked_model(model: nn.Module, plan: Plan, example_inputs: Sequence[Any],
     modules whose rules prune internal axes no graph tensor shows (attention heads: ``mask_removed``) are deep
     copies with the removed slices zeroed; ``model`` itself is never modified.
     """
-    gm = trace(model, leaf_modules, example_inputs=tuple(example_inputs))
+    gm = trace(model, leaf_modules, example_inputs=example_inputs)
     with _eval_mode(gm):
-        record_shapes(gm, tuple(example_inputs))
+        record_shapes(gm, _as_tuple(example_inputs))
     _mask_leaf_internals(gm, plan)
     norms = _norm_nodes(gm) if plan.options.get("layer_norm") == "renormalize" else []
     by_node: dict[str, dict[int, torch.Tensor]] = {}
@@ -204,6 +205,13 @@ def _eval_mode(module: nn.Module) -> Iterator[None]:
             m.training = flag
 
 
+def _as_tuple(inputs: Any) -> tuple:
+    """Example inputs (a tensor, a tuple/list, or a dict of keyword inputs) as a tuple in graph-input order."""
+    from .capture import input_tuple
+
+    return input_tuple(inputs)
+
+
 def _run_eval(module: nn.Module, inputs: tuple) -> Any:
     with _eval_mode(module):
         return module(*inputs)
@@ -226,18 +234,22 @@ def assert_masked_equals_shrunk(
     Args:
         model: the original, unpruned model.
         plan: the plan (``pruned.fxprune_plan``).
-        inputs: a tuple of inputs.
+        inputs: a tensor, a tuple of inputs or a dict of keyword inputs (as given to ``fxprune.compile``).
         shrunk: the physically pruned model; defaults to replaying ``plan`` on ``model``.
         atol, rtol: tolerances; ``atol`` is scaled by the largest output magnitude (randomly initialised deep
             nets reach large activations, and float32 sums in another order differ by a relative amount).
     """
-    inputs = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
+    bind, inputs = inputs, _as_tuple(inputs)
     if shrunk is None:
-        shrunk = trace(copy.deepcopy(model).eval(), leaf_modules, example_inputs=inputs)
+        shrunk = trace(copy.deepcopy(model).eval(), leaf_modules, example_inputs=bind)
         record_shapes(shrunk, inputs)
         apply_plan(shrunk, plan, inputs)
-    masked = masked_model(model, plan, inputs, leaf_modules)
-    want, got = tensors_of(_run_eval(masked, inputs)), tensors_of(_run_eval(shrunk, inputs))
+    masked = masked_model(model, plan, bind, leaf_modules)
+    want_out, got_out = _run_eval(masked, inputs), _run_eval(shrunk, inputs)
+    want_structure, got_structure = output_structure(want_out), output_structure(got_out)
+    assert want_structure[0] == got_structure[0], \
+        f"masked model returns {want_structure[0]}, shrunk model {got_structure[0]}"
+    want, got = tensors_of(want_out), tensors_of(got_out)
     assert len(want) == len(got), f"masked model returns {len(want)} tensors, shrunk model {len(got)}"
     for i, (w, g) in enumerate(zip(want, got)):
         assert w.shape == g.shape, f"output {i}: masked shape {tuple(w.shape)} != shrunk shape {tuple(g.shape)}"
@@ -282,7 +294,7 @@ def assert_compiles(model: nn.Module, *inputs: Any, backend: str = "aot_eager", 
 def prune_and_check(model: nn.Module, recipe: Any, inputs: Any, *, atol: float = 1e-4,
                     rtol: float = 1e-4) -> fx.GraphModule:
     """``fxprune.compile`` then ``assert_masked_equals_shrunk``; also checks the input model was not modified."""
-    inputs = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
+    inputs = inputs if isinstance(inputs, dict) else _as_tuple(inputs)
     recipe = Recipe.load(recipe)
     state = state_digest(model)  # digests, not clones: vit_h_14 is 2.5 GB
     pruned = fx_compile(model, recipe, example_inputs=inputs)

@@ -134,8 +134,14 @@ def unwrap(model: nn.Module) -> tuple[nn.Module, list[str]]:
 
 
 def trace(model: nn.Module, leaf_modules: Sequence[str] = (), autowrap_functions: Iterable[Callable] = (),
-          example_inputs: Any = None) -> fx.GraphModule:
+          example_inputs: Any = None, strict: bool = False) -> fx.GraphModule:
     """Symbolically trace ``model`` (which is not modified) into a ``GraphModule``.
+
+    Plain torch.fx tracing is tried first. With ``example_inputs`` (a tensor, a tuple or a dict of keyword inputs),
+    a model plain tracing cannot handle (or one called with keyword inputs, or through ``*args``/``**kwargs``) is
+    captured with concrete metadata instead (``fxprune.capture``): its signature is bound to the inputs, Python
+    decisions on shapes/dtypes/flags follow the example run and are guarded, and a submodule that still fails
+    becomes a leaf automatically (unless ``strict``).
 
     The result shares submodules with ``model``: deep-copy the model first if the trace will be shrunk
     (``fxprune.compile`` does).
@@ -144,16 +150,19 @@ def trace(model: nn.Module, leaf_modules: Sequence[str] = (), autowrap_functions
         model: the module to trace.
         leaf_modules: module paths (glob patterns) or class names to keep as single, opaque calls.
         autowrap_functions: free functions to record as single nodes.
-        example_inputs: the inputs the model will be run with; the parameters after them take their defaults as
-            constants (``fxprune.defaults``).
+        example_inputs: the inputs the model will be run with (enables capture with concrete metadata).
+        strict: with ``example_inputs``, raise on the first untraceable submodule instead of making it a leaf.
 
     Raises:
         TraceFailure: naming the module and source line that broke tracing, and how to mark it as a leaf.
     """
+    from .capture import capture, plain_signature
     from .defaults import unbound_defaults
 
     timm_norm.register()  # rules for timm's norm+act layers, which its no-trace registries keep whole
     attention.register_timm()  # timm's attention-mask helpers (manual attention path)
+    if example_inputs is not None and not plain_signature(model, example_inputs):
+        return capture(model, example_inputs, leaf_modules, autowrap_functions, strict)
     concrete = unbound_defaults(model, example_inputs) or None
     tracer = PruneTracer(leaf_modules, autowrap_functions)
     try:
@@ -166,6 +175,9 @@ def trace(model: nn.Module, leaf_modules: Sequence[str] = (), autowrap_functions
                 graph = tracer.trace(model, concrete)
             except Exception as second:
                 exc = second
+    if graph is None and example_inputs is not None:
+        log.debug("plain torch.fx tracing failed (%s); capturing with concrete metadata", exc)
+        return capture(model, example_inputs, leaf_modules, autowrap_functions, strict)
     if graph is None:
         where = tracer.failed_in or ""
         if where:
@@ -228,7 +240,8 @@ class MetaShapeRecorder(ShapeRecorder):
             return torch.func.functional_call(module, state, args, kwargs)
 
     def get_attr(self, target: Any, args: tuple, kwargs: dict) -> Any:
-        return _meta(super().get_attr(target, args, kwargs))
+        value = super().get_attr(target, args, kwargs)  # a 0-dim constant stays: meta ops take CPU scalars
+        return value if isinstance(value, torch.Tensor) and value.ndim == 0 and not value.is_meta else _meta(value)
 
 
 def record_shapes(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Any:

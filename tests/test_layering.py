@@ -27,7 +27,7 @@ RANKS = {
     "kernels": 1, "nn": 2,
     "ops": 3,
     "analysis": 4, "trace": 4, "plan": 4, "inputs": 4,
-    "work": 5, "criteria": 5, "passes": 5,
+    "work": 5, "criteria": 5, "passes": 5, "capture": 5,
     "planner": 6,
     "stages": 7,
     "recipe": 8,

@@ -6,6 +6,7 @@ from . import (  # noqa: F401  (importing a rule module registers its rules)
     conv,
     elementwise,
     gmlp,
+    guard,
     io,
     linear,
     maxvit,

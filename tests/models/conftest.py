@@ -1,0 +1,13 @@
+"""Ultralytics kept offline and out of the user's settings: set before any test module imports it.
+
+``YOLO_OFFLINE`` makes ``ultralytics.utils.is_online()`` false (no connectivity checks, no downloads) and
+``YOLO_CONFIG_DIR`` puts the settings file Ultralytics writes on import in a temporary directory.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+
+os.environ.setdefault("YOLO_OFFLINE", "1")
+os.environ.setdefault("YOLO_VERBOSE", "False")
+os.environ.setdefault("YOLO_CONFIG_DIR", tempfile.mkdtemp(prefix="fxprune-ultralytics-"))
