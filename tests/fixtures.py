@@ -25,3 +25,15 @@ class ResCatNet(nn.Module):
         r = torch.relu(s + self.body(s))
         y = self.fuse(torch.cat([r, self.side(r)], 1))
         return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(y, 1), 1))
+
+
+class TinyProposal(nn.Module):
+    """A small ConvNet returning a (B, C, h, w) map: PaPr's proposal network at test size."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.ReLU(),
+                                  nn.Conv2d(8, 8, 3, stride=2, padding=1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)

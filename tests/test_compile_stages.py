@@ -5,24 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from fixtures import TinyProposal
 from torch import nn
 from torchvision.models.vision_transformer import VisionTransformer
 
 import fxprune
 from fxprune.testing import assert_compiles
-
-
-class TinyProposal(nn.Module):
-    """A small ConvNet returning a (B, C, h, w) map, standing in for PaPr's proposal network."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.body = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.ReLU(),
-                                  nn.Conv2d(8, 8, 3, stride=2, padding=1))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.body(x)
-
 
 RECIPES = {
     "channels": [{"kind": "channels", "target": {"flops": 0.3}}],

@@ -15,23 +15,11 @@ import numpy as np
 import pytest
 import timm
 import torch
+from fixtures import TinyProposal
 from torch import nn
 from torchvision.models.vision_transformer import VisionTransformer
 
 import fxprune
-
-
-class TinyProposal(nn.Module):
-    """A small ConvNet returning a (B, C, h, w) map: PaPr's proposal network at test size."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.body = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.ReLU(),
-                                  nn.Conv2d(8, 8, 3, stride=2, padding=1))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.body(x)
-
 
 PROPOSAL = "roundtrip-test:tiny"
 STAGES = {
