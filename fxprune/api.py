@@ -88,7 +88,10 @@ def run_channel_stage(gm: fx.GraphModule, stage: ChannelStage, ctx: ScoreContext
 
     ``planner_cls`` picks the groups and units (e.g. ``heads.HeadPlanner`` plans attention heads only).
     """
+    from .recover import stage_begin, stage_finish
+
     criterion = get_criterion(stage.criterion)
+    dense = stage_begin(gm, stage, ctx)  # a copy before pruning when the stage has ``recover``
     plan = Plan()
     base = None
     for step in range(1, stage.steps + 1):
@@ -116,6 +119,7 @@ def run_channel_stage(gm: fx.GraphModule, stage: ChannelStage, ctx: ScoreContext
         log.info("stage %s step %d/%d: %d units removed", stage.kind, step, stage.steps, len(removed))
         ShrinkChannels(step_plan, inputs, a)(gm)
         plan = plan.compose(step_plan)
+    stage_finish(dense, gm, plan, stage, ctx)
     return plan
 
 
@@ -188,7 +192,7 @@ def prune_graph(module: nn.Module, recipe: Recipe, inputs: tuple, *, data: Any =
         if runner is None:
             raise FxPruneError(f"stage kind '{stage.kind}' (stages[{i}]) is not implemented")
         ctx = ScoreContext(seed=getattr(stage, "seed", 0), data=data, example_inputs=inputs, evaluate=evaluate,
-                           finetune=finetune)
+                           finetune=finetune, options={"stage": f"stages[{i}]"})
         plan = plan.compose(runner(gm, stage, ctx, inputs))
     after = output_spec(gm)
     if before != after:

@@ -32,7 +32,7 @@ from .errors import RecipeError
 from .graph.dependency import Analysis
 from .plan import Plan
 from .planner import Planner, _GroupOrder
-from .recipe import Targeted, register_stage, validate_common, validate_target
+from .recipe import Targeted, register_stage, validate_common, validate_recover_field, validate_target
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +86,7 @@ class HeadStage(Targeted):
         steps: prune in this many steps, re-scoring in between.
         max_sparsity: at most this fraction of a layer's heads is removed (one head is always kept).
         seed: seed of random criteria.
+        recover: recovery after pruning, as in the ``channels`` stage (``fxprune.recover``).
     """
 
     kind: str = "heads"
@@ -97,10 +98,12 @@ class HeadStage(Targeted):
     steps: int = 1
     max_sparsity: float = 0.9
     seed: int = 0
+    recover: list = field(default_factory=list)
     TARGETS: ClassVar[tuple[str, ...]] = ("sparsity", "flops", "params")
 
     def validate(self, path: str) -> None:
         validate_target(self, path)
+        validate_recover_field(self, path)
         if self.scope not in ("local", "global"):
             raise RecipeError(f"{path}.scope", f"must be 'local' or 'global', got {self.scope!r}")
         validate_common(self, path, ("round_to", "steps"))

@@ -28,6 +28,7 @@ import numpy as np
 import torch.fx as fx
 from tqdm.auto import tqdm
 
+from . import distributed
 from .api import stage_runner
 from .criteria import ScoreContext, get_criterion
 from .errors import FxPruneError, RecipeError
@@ -35,7 +36,7 @@ from .graph.dependency import analyze
 from .passes.shrink_channels import ShrinkChannels
 from .plan import Plan
 from .planner import Planner
-from .recipe import ChannelStage, Targeted, register_stage, validate_common, validate_target
+from .recipe import ChannelStage, Targeted, register_stage, validate_common, validate_recover_field, validate_target
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +58,7 @@ class IterativeStage(Targeted):
         layers_per_step: groups pruned per step (the best-scoring ones).
         steps: at most this many steps.
         ignore, round_to, max_sparsity, seed: as in the ``channels`` stage.
+        recover: recovery after each step's pruning, before ``finetune`` (``fxprune.recover``).
     """
 
     kind: str = "iterative"
@@ -71,10 +73,12 @@ class IterativeStage(Targeted):
     round_to: int = 1
     max_sparsity: float = 0.9
     seed: int = 0
+    recover: list = field(default_factory=list)
     TARGETS: ClassVar[tuple[str, ...]] = ("flops", "params")
 
     def validate(self, path: str) -> None:
         validate_target(self, path)
+        validate_recover_field(self, path)
         if not isinstance(self.rates, list) or not self.rates or not all(_number(r) and 0 < r < 1 for r in self.rates):
             raise RecipeError(f"{path}.rates", f"must be a non-empty list of fractions in (0, 1), got {self.rates!r}")
         for name in ("alpha", "alpha_decay"):
@@ -97,19 +101,29 @@ def _replay(gm: fx.GraphModule, plan: Plan, inputs: tuple, analysis) -> fx.Graph
 
 def _sweep(planner: Planner, gm: fx.GraphModule, stage: IterativeStage, ctx: ScoreContext, inputs: tuple,
            alpha: float, step: int) -> list[tuple[float, int, np.ndarray]]:
-    """Per group, the best ``(score, group index, removed units)`` over the rates, best group first."""
+    """Per group, the best ``(score, group index, removed units)`` over the rates, best group first.
+
+    Under ``torch.distributed`` the evaluations are split across ranks (candidate ``j`` on rank ``j % world``)
+    and gathered, so ``evaluate`` must return the same value on every rank (e.g. a full validation set)."""
+    candidates = []
+    for i, o in enumerate(planner.orders):
+        for rate in stage.rates:
+            k = planner._take(o, int(math.floor(rate * o.n_prunable + 1e-9)))
+            if k:
+                candidates.append((i, rate, o.order[:k]))
+    mine = list(range(distributed.rank(), len(candidates), distributed.world_size()))
+    metrics: dict[int, float] = {}
+    for j in tqdm(mine, desc=f"fxprune iterative step {step}", leave=False,
+                  disable=not mine or not distributed.is_main()):
+        metrics[j] = float(ctx.evaluate(_replay(gm, planner.plan(candidates[j][2]), inputs, planner.a)))
+    for part in distributed.all_gather_objects(metrics):
+        metrics.update(part)
     best: dict[int, tuple[float, int, np.ndarray]] = {}
-    todo = [(i, r) for i, o in enumerate(planner.orders) for r in stage.rates]
-    for i, rate in tqdm(todo, desc=f"fxprune iterative step {step}", leave=False, disable=not todo):
-        o = planner.orders[i]
-        k = planner._take(o, int(math.floor(rate * o.n_prunable + 1e-9)))
-        if k == 0:
-            continue
-        removed = o.order[:k]
+    for j, (i, rate, removed) in enumerate(candidates):
         saving = planner.reduction(removed, stage.metric)
-        metric = float(ctx.evaluate(_replay(gm, planner.plan(removed), inputs, planner.a)))
-        score = saving * max(metric, 0.0) ** alpha
-        log.debug("step %d group %d rate %.2f: saving %.4f metric %.4f score %.3g", step, o.group, rate, saving, metric, score)
+        score = saving * max(metrics[j], 0.0) ** alpha
+        log.debug("step %d group %d rate %.2f: saving %.4f metric %.4f score %.3g", step, planner.orders[i].group,
+                  rate, saving, metrics[j], score)
         if i not in best or score > best[i][0]:
             best[i] = (score, i, removed)
     return sorted(best.values(), key=lambda t: (-t[0], t[1]))
@@ -142,6 +156,10 @@ def run_iterative_stage(gm: fx.GraphModule, stage: IterativeStage, ctx: ScoreCon
     if ctx.evaluate is None:
         raise FxPruneError("stage 'iterative' needs evaluate: pass fxprune.compile(..., evaluate=fn) with "
                            "fn(model) -> float, higher is better (e.g. validation accuracy)")
+    from .recover import stage_begin, stage_finish
+
+    if stage.recover and ctx.data is None:
+        stage_begin(gm, stage, ctx)  # raises the "needs data" error before any evaluation runs
     criterion = get_criterion(stage.criterion)
     planning = ChannelStage(target={"sparsity": 0.5}, criterion=stage.criterion, scope="local", ignore=stage.ignore,
                             round_to=stage.round_to, max_sparsity=stage.max_sparsity, seed=stage.seed)
@@ -163,7 +181,9 @@ def run_iterative_stage(gm: fx.GraphModule, stage: IterativeStage, ctx: ScoreCon
         step_plan = planner.plan(removed)
         counts = planner.counter.count(planner.new_sizes(removed))
         step_plan.stats = {**counts, "step": step}
+        dense = stage_begin(gm, stage, ctx)  # the step's dense reference when the stage has ``recover``
         ShrinkChannels(step_plan, inputs, a)(gm)
+        stage_finish(dense, gm, step_plan, stage, ctx)
         plan = plan.compose(step_plan)
         log.info("iterative step %d: %d groups, %d units removed, %s %.4f of the original left (alpha %.1f)", step,
                  len({int(g) for g in a.unit_group[removed]}), len(removed), stage.metric, counts[stage.metric] / base, alpha)

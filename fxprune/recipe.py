@@ -63,6 +63,13 @@ def validate_target(stage: Any, path: str) -> None:
     get_criterion(stage.criterion, f"{path}.criterion")
 
 
+def validate_recover_field(stage: Any, path: str) -> None:
+    """Check ``stage.recover`` (``fxprune.recover``: a list of ``bn``, ``bias``, ``lstsq``, in that order)."""
+    from .recover import validate_recover  # recovery imports the criteria, which import this module
+
+    validate_recover(stage.recover, f"{path}.recover")
+
+
 def validate_common(stage: Any, path: str, counts: tuple[str, ...]) -> None:
     """Checks shared by pruning stages: ``ignore``, integer ``counts`` >= 1, ``max_sparsity`` and ``seed``."""
     if not isinstance(stage.ignore, list) or not all(isinstance(p, str) for p in stage.ignore):
@@ -114,6 +121,8 @@ class ChannelStage(Targeted):
         layer_norm: ``freeze`` (default: LayerNorm-normalized dims never prune) or ``renormalize`` (they prune, and
             each pruned LayerNorm/RMSNorm normalizes over its kept channels only; this is how a ViT's embedding
             dim prunes, see ``fxprune/ops/norm_renormalize.py``). Written to JSON only when not the default.
+        recover: training-free recovery after pruning, on the ``data`` batches: any of ``bn``, ``bias``,
+            ``lstsq``, in that order (``fxprune.recover``). Written to JSON only when not empty.
     """
 
     kind: str = "channels"
@@ -127,10 +136,12 @@ class ChannelStage(Targeted):
     max_sparsity: float = 0.9
     seed: int = 0
     layer_norm: str = "freeze"
+    recover: list = field(default_factory=list)
     TARGETS: ClassVar[tuple[str, ...]] = ("sparsity", "flops", "params")
 
     def validate(self, path: str) -> None:
         validate_target(self, path)
+        validate_recover_field(self, path)
         if self.layer_norm not in ("freeze", "renormalize"):
             raise RecipeError(f"{path}.layer_norm", f"must be 'freeze' or 'renormalize', got {self.layer_norm!r}")
         if self.scope not in ("local", "global", "module"):
@@ -155,11 +166,13 @@ Stage = Union[ChannelStage]
 
 
 def _stage_dict(stage: Any) -> dict:
-    """``dataclasses.asdict`` of a stage; a channel stage's ``layer_norm`` only when not the default ``freeze``
-    (recipes written before the field existed keep their exact form)."""
+    """``dataclasses.asdict`` of a stage; a channel stage's ``layer_norm`` only when not the default ``freeze``, and
+    ``recover`` only when not empty (recipes written before the fields existed keep their exact form)."""
     out = dataclasses.asdict(stage)
     if isinstance(stage, ChannelStage) and out.get("layer_norm") == "freeze":
         del out["layer_norm"]
+    if out.get("recover") == []:
+        del out["recover"]
     return out
 
 

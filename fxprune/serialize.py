@@ -156,6 +156,9 @@ def _default_inputs(specs: list[dict], path: Path) -> tuple:
 
 
 def _load_weights(gm: fx.GraphModule, tensors: dict[str, torch.Tensor], path: Path, arch: str) -> None:
+    from .recover.bias import add_missing_biases
+
+    add_missing_biases(gm, tensors)  # biases that recovery (``recover: [bias]`` / ``[lstsq]``) added
     own = gm.state_dict()
     missing = sorted(set(own) - set(tensors))
     extra = sorted(set(tensors) - set(own))

@@ -27,8 +27,10 @@ import torch.fx as fx
 
 from ..blocksparse.criteria import BlockCosts, blocks_of, register_block_criterion
 from ..blocksparse.layers import LinearLayer
+from .. import distributed
 from ..errors import FxPruneError
 from ..outputs import tensors_of
+from ..progress import calibration_pass
 from .base import ScoreContext
 from .taylor import split_batch
 
@@ -45,7 +47,7 @@ def _calibration(ctx: ScoreContext, max_batches: int) -> Iterator[tuple]:
         yield tuple(ctx.example_inputs)
         return
     n = 0
-    for batch in ctx.data:
+    for batch in calibration_pass(ctx.data, "criterion lpvit"):
         if n >= max_batches:
             break
         inputs, _ = split_batch(batch)
@@ -92,6 +94,8 @@ def energy_gradients(gm: fx.GraphModule, layers: list[LinearLayer], ctx: ScoreCo
         for p, flag in flags.items():
             p.requires_grad_(flag)
         gm.train(training)
+    distributed.all_reduce_sum_many(g_sum + f_sum)  # under torch.distributed: every rank's batches
+    n = distributed.all_reduce_count(n)
     log.debug("lpvit: gradients of the output energy over %d calibration batches", n)
     return [g / n for g in g_sum], [f / n for f in f_sum]
 

@@ -29,8 +29,10 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from .. import distributed
 from ..errors import FxPruneError
 from ..outputs import tensors_of
+from ..progress import calibration_pass
 from ..graph.dependency import Analysis
 from .base import ScoreContext, register_criterion, slot_values, unit_sum
 
@@ -64,7 +66,7 @@ def iter_batches(ctx: ScoreContext, criterion: str, *, labels: bool = False) -> 
         need = "(inputs, labels) batches" if labels else "calibration batches"
         raise FxPruneError(f"criterion '{criterion}' needs data: pass fxprune.compile(..., data=<iterable of {need}>)")
     n = 0
-    for batch in ctx.data:
+    for batch in calibration_pass(ctx.data, f"criterion {criterion}"):
         inputs, y = split_batch(batch)
         if labels and y is None:
             raise FxPruneError(f"criterion '{criterion}' needs labeled data: every batch must be (inputs, labels) "
@@ -106,6 +108,9 @@ def grad_statistic(a: Analysis, ctx: ScoreContext, criterion: str,
                 if p.grad is not None:
                     acc[name] += per_batch(p.detach().float(), p.grad.detach().float())
             n += 1
+    # under torch.distributed: the mean over every rank's batches (each rank passes its own shard as data)
+    distributed.all_reduce_sum_many(list(acc.values()))
+    n = distributed.all_reduce_count(n)
     return {name: t / n for name, t in acc.items()}
 
 
