@@ -38,8 +38,12 @@ class Gram:
         for lo in range(0, r, step):
             xc = x[:, lo:lo + step].to(torch.float64)
             yc = y[:, lo:lo + step].to(torch.float64)
-            self.xx.baddbmm_(xc.transpose(1, 2), xc)
-            self.xy.baddbmm_(xc.transpose(1, 2), yc)
+            if xc.shape[0] == 1:  # one regression: a plain GEMM, faster than a batch of one
+                self.xx[0].addmm_(xc[0].T, xc[0])
+                self.xy[0].addmm_(xc[0].T, yc[0])
+            else:
+                self.xx.baddbmm_(xc.transpose(1, 2), xc)
+                self.xy.baddbmm_(xc.transpose(1, 2), yc)
             self.xsum += xc.sum(1)
             self.ysum += yc.sum(1)
             self.yy += yc.pow(2).sum((1, 2))
@@ -52,36 +56,40 @@ class Gram:
     def augmented(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``[X, 1]ᵀ[X, 1]`` and ``[X, 1]ᵀY``: ``[groups, n_in + 1, n_in + 1]`` and ``[groups, n_in + 1, n_out]``."""
         g, n = self.xsum.shape
-        a = self.xx.new_zeros(g, n + 1, n + 1)
+        a = self.xx.new_empty(g, n + 1, n + 1)
         a[:, :n, :n] = self.xx
         a[:, :n, n] = self.xsum
         a[:, n, :n] = self.xsum
         a[:, n, n] = self.rows
-        b = torch.cat([self.xy, self.ysum[:, None, :]], 1)
-        return a, b
+        return a, torch.cat([self.xy, self.ysum[:, None, :]], 1)
 
     def ridge_lambda(self, ridge: float) -> torch.Tensor:
         """``ridge · mean(diag(XᵀX))`` per group (``ridge`` itself where the inputs are all zero)."""
         energy = torch.diagonal(self.xx, dim1=1, dim2=2).mean(1)
         return torch.where(energy > 0, ridge * energy, torch.full_like(energy, ridge))
 
-    def solve(self, w0: torch.Tensor, ridge: float) -> torch.Tensor:
-        """The ridge solution ``[groups, n_in + 1, n_out]`` (last row: bias), pulled towards ``w0`` (same shape)."""
+    def solve(self, w0: torch.Tensor, ridge: float) -> tuple[torch.Tensor, float]:
+        """The ridge solution ``[groups, n_in + 1, n_out]`` (last row: bias), pulled towards ``w0`` (same shape), and
+        its squared residual ``||[X, 1] W - Y||²`` on the accumulated rows (from the statistics alone)."""
         a, b = self.augmented()
         lam = self.ridge_lambda(ridge)
-        eye = torch.eye(a.shape[1], dtype=a.dtype, device=a.device)
-        a = a + lam[:, None, None] * eye
-        b = b + lam[:, None, None] * w0.to(torch.float64)
+        w0 = w0.to(torch.float64)
+        torch.diagonal(a, dim1=1, dim2=2).add_(lam[:, None])
+        b_reg = b + lam[:, None, None] * w0
         chol, info = torch.linalg.cholesky_ex(a)
-        if not bool((info == 0).all()):  # not positive definite in floating point: fall back to a least-squares solve
-            return torch.linalg.lstsq(a, b).solution
-        return torch.cholesky_solve(b, chol)
+        if bool((info == 0).all()):
+            w = torch.cholesky_solve(b_reg, chol)
+        else:  # not positive definite in floating point: a least-squares solve
+            w = torch.linalg.lstsq(a, b_reg).solution
+        # (A + λI) W = B + λ W0 gives Wᵀ A W = Wᵀ B + λ Wᵀ (W0 - W): no product with A is needed
+        quad = (w * b).sum() + (lam[:, None, None] * w * (w0 - w)).sum()
+        return w, float((quad - 2 * (w * b).sum() + self.yy.sum()).clamp_min(0))
 
-    def error(self, w: torch.Tensor) -> torch.Tensor:
-        """``||[X, 1] W - Y||²`` summed over groups, from the statistics alone."""
+    def error(self, w: torch.Tensor) -> float:
+        """``||[X, 1] W - Y||²`` summed over groups, from the statistics alone (one product with ``XᵀX``)."""
         a, b = self.augmented()
         w = w.to(torch.float64)
-        return ((w * (a @ w)).sum() - 2 * (w * b).sum() + self.yy.sum()).clamp_min(0)
+        return float(((w * (a @ w)).sum() - 2 * (w * b).sum() + self.yy.sum()).clamp_min(0))
 
 
 __all__ = ["Gram"]

@@ -43,8 +43,8 @@ class LstsqOptions:
     """
 
     ridge: float = 1e-2
-    passes: int = 2
-    positions: int = 256
+    passes: int = 4
+    positions: int = 128
     max_columns: int = 8192
 
 
@@ -157,7 +157,8 @@ def _band_pass(dense: nn.Module, pruned: nn.Module, band: list[Consumer], data, 
 def reconstruct(dense: nn.Module, pruned: nn.Module, consumers: list[Consumer], data,
                 opts: LstsqOptions | None = None, bias_step: BiasCompensation | None = None) -> list[dict]:
     """Refit ``consumers`` of ``pruned`` towards ``dense`` (both in eval mode, no grad); returns one record per layer
-    (``path``, ``level``, relative squared error before / after on the calibration rows).
+    (``path``, ``level``, ``rows``, relative squared error ``after`` on the calibration rows, and ``before`` when
+    DEBUG logging is on).
 
     With ``bias_step`` (``recover: [bias, lstsq]``), the bias statistics are gathered on the first pass's dense run
     and applied before anything is solved: the same result as a pass of its own, one dense pass cheaper (the
@@ -181,23 +182,24 @@ def reconstruct(dense: nn.Module, pruned: nn.Module, consumers: list[Consumer], 
         if k == 1 and bias_step is not None:
             bias_step.apply()
         for c in band:
-            gram = grams.get(c.path)
+            gram = grams.pop(c.path, None)  # freed once solved
             if gram is None:
                 continue
             gram.reduce()
             m = pruned.get_submodule(c.path)
             w0 = current_weights(c, m)
-            sol = gram.solve(w0, opts.ridge)
+            sol, residual = gram.solve(w0, opts.ridge)
             distributed.broadcast_([sol])  # the same bits on every rank, whatever each rank's BLAS did
             scale = float(gram.yy.sum()) or 1.0
-            rec = {"path": c.path, "level": c.level, "before": float(gram.error(w0)) / scale,
-                   "after": float(gram.error(sol)) / scale, "rows": int(gram.rows.item())}
+            rec = {"path": c.path, "level": c.level, "after": residual / scale, "rows": int(gram.rows.item())}
+            if log.isEnabledFor(logging.DEBUG):  # one more product with the Gram matrix
+                rec["before"] = gram.error(w0) / scale
+                log.debug("recover lstsq %s (level %d): relative error %.4g -> %.4g on %d rows", c.path, c.level,
+                          rec["before"], rec["after"], rec["rows"])
             write_weights(c, m, sol)
             if isinstance(pruned, fx.GraphModule):
                 restore_following_norms(dense, pruned, c)
             records.append(rec)
-            log.debug("recover lstsq %s (level %d): relative error %.4g -> %.4g on %d rows", c.path, c.level,
-                      rec["before"], rec["after"], rec["rows"])
     return records
 
 

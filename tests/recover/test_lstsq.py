@@ -151,3 +151,37 @@ def test_chain_order(passes: int) -> None:
 def test_positions_are_sampled_evenly_and_deterministically() -> None:
     assert sample_positions(5, 8, torch.device("cpu")).tolist() == [0, 1, 2, 3, 4]
     assert sample_positions(12, 4, torch.device("cpu")).tolist() == [0, 3, 6, 9]
+
+
+class Conv1d3d(nn.Module):
+    def __init__(self, dims: int) -> None:
+        super().__init__()
+        conv = nn.Conv1d if dims == 1 else nn.Conv3d
+        self.conv1, self.conv2 = conv(2, 6, 3, padding=1), conv(6, 3, 3, padding=1, stride=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv2(torch.relu(self.conv1(x)))
+
+
+@pytest.mark.parametrize("dims", [1, 3])
+def test_conv1d_and_conv3d_columns(dims: int) -> None:
+    """im2col by ``Tensor.unfold`` along each spatial dim (another mechanism than the gather fxprune uses)."""
+    model = Conv1d3d(dims).eval()
+    shape = (4, 2, 9) if dims == 1 else (2, 2, 5, 5, 5)
+    data = [torch.randn(*shape) for _ in range(3)]
+    pruned = fxprune.compile(model, _recipe([{"lstsq": {"ridge": 0.0}}]), example_inputs=data[0][:1], data=data)
+    kept = pruned.fxprune_plan.kept["@conv1:0:0"]
+    with torch.no_grad():
+        h = torch.cat([torch.relu(model.conv1(x)) for x in data])[:, kept]
+        y = torch.cat([model(x) for x in data])
+    p = F.pad(h, [1, 1] * dims)
+    for d in range(dims):
+        p = p.unfold(2 + d, 3, 2)  # [N, C, *out, *kernel] once every spatial dim is unfolded
+    n, c = p.shape[:2]
+    out = p.shape[2:2 + dims]
+    cols = p.permute(0, *range(2, 2 + dims), 1, *range(2 + dims, 2 + 2 * dims)).reshape(-1, c * 3 ** dims)
+    y_rows = y.flatten(2).transpose(1, 2).reshape(-1, 3)
+    assert y_rows.shape[0] == cols.shape[0] == n * int(np.prod(out))
+    want = _ridge_solution(cols.double().numpy(), y_rows.double().numpy(), None, 0.0)
+    np.testing.assert_allclose(pruned.conv2.weight.detach().double().reshape(3, -1).numpy(), want[:-1].T,
+                               rtol=1e-4, atol=1e-5)
