@@ -28,10 +28,10 @@ from fxprune.recover import LstsqOptions, recover
 SETTINGS = [
     ("bn", ["bn"], None),
     ("bias", ["bias"], None),
-    ("lstsq (passes 2, default)", ["lstsq"], None),
-    ("bn+bias+lstsq (passes 2, default)", ["bn", "bias", "lstsq"], None),
+    ("lstsq (default: passes 4)", ["lstsq"], None),
+    ("bn+bias+lstsq (default: passes 4)", ["bn", "bias", "lstsq"], None),
+    ("bn+bias+lstsq, passes 2", ["bn", "bias", "lstsq"], LstsqOptions(passes=2)),
     ("bn+bias+lstsq, passes 1", ["bn", "bias", "lstsq"], LstsqOptions(passes=1)),
-    ("bn+bias+lstsq, passes 4", ["bn", "bias", "lstsq"], LstsqOptions(passes=4)),
 ]
 
 
@@ -104,7 +104,7 @@ def main() -> None:
             report = recover(dense, work, pruned.fxprune_plan, data, methods, options)
             seconds = time.perf_counter() - start
         detail = ", ".join(f"{d.removeprefix('recover ')} {s:.1f}" for d, s in passes.passes)
-        rows.append(f"| {name} | {seconds:.1f} | {seconds / plain:.2f}x | {(mem["peak"] - mem["start"]) / 2**20:.0f} | "
+        rows.append(f"| {name} | {seconds:.1f} | {seconds / plain:.2f}x | {(mem['peak'] - mem['start']) / 2**20:.0f} | "
                     f"{len(report['consumers'])} | {detail} |")
         logging.getLogger("bench").warning("%s: %.1f s", name, seconds)
     out = [(f"resnet50 at 224, flops 0.5 (l2), 64 calibration images in 4 batches of 16, {torch.get_num_threads()} "

@@ -8,8 +8,11 @@ none) solve ``min ||[X, 1] W - Y||² + λ ||W - W0||²`` (``gram.py``).
 
 Layers go in topological order, by levels (``layers.py``): one streamed pass over ``data`` per band of levels runs
 the dense model and the pruned model, whose earlier bands are already refit, up to the band's last layer, and
-folds every batch into float64 Gram matrices; then the band's layers are solved and written. With ``passes=0``
-each level is its own band (exact sequential reconstruction); a smaller number trades fidelity for passes.
+folds every batch into float64 Gram matrices; then the band's layers are solved and written. The band's first
+level reads the pruned model's activations; deeper levels of the same band read the dense model's input at their
+kept channels (what their refit upstream layers approximate). With ``passes=0`` each level is its own band (exact
+sequential reconstruction); fewer passes trade fidelity for time. A BatchNorm right after a refit layer gets the
+dense model's statistics back, since its input now approximates the dense one.
 """
 from __future__ import annotations
 
