@@ -64,7 +64,7 @@ def validate_target(stage: Any, path: str) -> None:
 
 
 def validate_recover_field(stage: Any, path: str) -> None:
-    """Check ``stage.recover`` (``fxprune.recover``: a list of ``bn``, ``bias``, ``lstsq``, in that order)."""
+    """Check ``stage.recover`` (``fxprune.recover``: a list of ``bn``, ``bias``, ``lstsq``, each at most once)."""
     from .recover import validate_recover  # recovery imports the criteria, which import this module
 
     validate_recover(stage.recover, f"{path}.recover")
@@ -122,7 +122,7 @@ class ChannelStage(Targeted):
             each pruned LayerNorm/RMSNorm normalizes over its kept channels only; this is how a ViT's embedding
             dim prunes, see ``fxprune/ops/norm_renormalize.py``). Written to JSON only when not the default.
         recover: training-free recovery after pruning, on the ``data`` batches: any of ``bn``, ``bias``,
-            ``lstsq``, in that order (``fxprune.recover``). Written to JSON only when not empty.
+            ``lstsq`` (they run as bias, lstsq, bn; ``fxprune.recover``). Written to JSON only when not empty.
     """
 
     kind: str = "channels"

@@ -117,7 +117,8 @@ class BiasCompensation:
 
     def apply(self) -> list[dict]:
         """Write ``Δb`` into every consumer of ``pruned``; returns ``{"path", "max_abs_delta"}`` per layer."""
-        distributed.all_reduce_sum_many([self.sums[c.path] for c in self.todo] + [self.counts[c.path] for c in self.todo])
+        distributed.all_reduce_sum_many([self.sums[c.path] for c in self.todo]
+                                        + [self.counts[c.path] for c in self.todo])
         records = []
         for c in self.todo:
             n = float(self.counts[c.path])

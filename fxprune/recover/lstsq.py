@@ -21,13 +21,12 @@ from collections import defaultdict, deque
 from dataclasses import dataclass
 
 import torch
-import torch.fx as fx
-from torch import nn
+from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .. import distributed
-from .capture import conv_columns, conv_targets, input_batches, linear_rows, run_watching
 from .bias import BiasCompensation, run_bias_step
+from .capture import conv_columns, conv_targets, input_batches, linear_rows, run_watching
 from .gram import Gram
 from .layers import Consumer, bands
 

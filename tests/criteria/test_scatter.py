@@ -3,7 +3,6 @@ pooled features, whatever the batches and however the classes spread over them."
 from __future__ import annotations
 
 import numpy as np
-
 import torch
 
 from fxprune.criteria.catro import class_scatter

@@ -64,7 +64,7 @@ def test_statistics_equal_a_running_average_by_hand() -> None:
     assert pruned.fxprune_plan.kept == plain.fxprune_plan.kept and pruned.bn1.num_features == 4
     with torch.no_grad():
         want = _by_hand(plain, data)
-    for bn, (mean, var) in zip((pruned.bn1, pruned.bn2), want):
+    for bn, (mean, var) in zip((pruned.bn1, pruned.bn2), want, strict=True):
         torch.testing.assert_close(bn.running_mean, mean, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(bn.running_var, var, rtol=1e-5, atol=1e-6)
     # the same as PyTorch's cumulative average (momentum=None) with only the BatchNorms in train mode
@@ -76,7 +76,7 @@ def test_statistics_equal_a_running_average_by_hand() -> None:
     with torch.no_grad():
         for x in data:
             ref(x)
-    for got, bn in zip((pruned.bn1, pruned.bn2), (ref.bn1, ref.bn2)):
+    for got, bn in zip((pruned.bn1, pruned.bn2), (ref.bn1, ref.bn2), strict=True):
         torch.testing.assert_close(got.running_mean, bn.running_mean, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(got.running_var, bn.running_var, rtol=1e-5, atol=1e-6)
     assert not torch.equal(pruned.bn2.running_var, plain.bn2.running_var)  # it did change them

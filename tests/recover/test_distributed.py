@@ -36,9 +36,11 @@ class _Weights(torch.nn.Module):
 @pytest.fixture(scope="module")
 def results(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("dist")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(WORKER), str(out)]
-    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    path = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(WORKER),
+           str(out)]
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     return out
 
@@ -51,7 +53,8 @@ def test_ranks_agree_with_each_other_and_with_one_process(results: Path, name: s
     assert r0["state"].keys() == single["state"].keys()
     for key, value in single["state"].items():
         if value.is_floating_point():
-            torch.testing.assert_close(r0["state"][key], value, rtol=1e-4, atol=1e-5, msg=lambda m: f"{key}: {m}")
+            torch.testing.assert_close(r0["state"][key], value, rtol=1e-4, atol=1e-5,
+                                       msg=lambda m, key=key: f"{key}: {m}")
         else:
             assert torch.equal(r0["state"][key], value), key
     if name == "iterative":  # the sweep's evaluations were split between the ranks
