@@ -20,7 +20,10 @@ T = TypeVar("T")
 
 def calibration_pass(items: Iterable[T], desc: str) -> Iterator[T]:
     """Yield ``items`` under a progress bar named ``desc`` (rank 0, terminals only) and log the pass' timing."""
-    total = len(items) if hasattr(items, "__len__") else None  # type: ignore[arg-type]
+    try:
+        total: int | None = len(items)  # type: ignore[arg-type]
+    except TypeError:  # a generator, or a DataLoader over an IterableDataset
+        total = None
     start = time.perf_counter()
     n = 0
     bar = tqdm(items, desc=f"fxprune {desc}", total=total, leave=False,

@@ -45,6 +45,7 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.mark.xdist_group("recover-torchrun")  # one worker runs the torchrun fixture once
 @pytest.mark.parametrize("name", ["taylor", "catro", "iterative"])
 def test_ranks_agree_with_each_other_and_with_one_process(results: Path, name: str) -> None:
     r0, r1, single = (torch.load(results / f"{name}_{s}.pt", weights_only=False) for s in ("rank0", "rank1", "single"))
