@@ -1,6 +1,8 @@
-"""Accuracy study of every criterion on scikit-learn's digits, plus the iterative stage (issue 4).
+"""Accuracy study of every criterion on scikit-learn's digits, plus the iterative stage (issue 4) and training-free
+recovery (issue 17).
 
-Run: ``python bench/bench_criteria_digits.py`` (one CPU thread, a few minutes). Prints markdown tables to stdout.
+Run: ``python bench/bench_criteria_digits.py [--part all|criteria|recover]`` (one CPU thread, a few minutes per
+part). Prints markdown tables to stdout.
 
 1. Trains ``DigitsCNN`` (residual + concat) and ``DigitsViT`` (Linear attention + MLP blocks) on the train split.
 2. For every criterion, prunes 30% / 50% of the channel units (``sparsity``, local scope) and 15% / 30% / 50% of the
@@ -9,9 +11,13 @@ Run: ``python bench/bench_criteria_digits.py`` (one CPU thread, a few minutes). 
    ``random`` is the mean over three seeds. Data-driven criteria get 10 labeled train images per class.
 3. Runs the ``iterative`` stage on the CNN (FLOPs target 0.6, validation accuracy as ``evaluate``, two epochs of
    fine-tuning per step) and compares it with one-shot ``l2`` at the same MACs and the same fine-tuning epochs.
+4. Recovery (``--part recover``): every criterion x ``recover`` in {none, bn, bn+bias, bn+bias+lstsq} (default
+   lstsq options) at channels -30% / -50% and FLOPs -30% / -50%, with no fine-tuning and after one epoch, on the
+   same 100 calibration images as the criteria.
 """
 from __future__ import annotations
 
+import argparse
 import copy
 import logging
 import sys
@@ -45,8 +51,12 @@ def macs(model: torch.nn.Module, x: torch.Tensor) -> int:
     return count_model(gm)["macs"]
 
 
-def stage(criterion: str, kind: str, value: float, family: dict, seed: int = 0) -> dict:
-    s = {"kind": "channels", "target": {kind: value}, "criterion": criterion, "seed": seed}
+RECOVERIES = [("none", []), ("bn", ["bn"]), ("bn+bias", ["bn", "bias"]), ("bn+bias+lstsq", ["bn", "bias", "lstsq"])]
+RECOVERY_TARGETS = [("sparsity", 0.3), ("sparsity", 0.5), ("flops", 0.3), ("flops", 0.5)]
+
+
+def stage(criterion: str, kind: str, value: float, family: dict, seed: int = 0, recover: list | None = None) -> dict:
+    s = {"kind": "channels", "target": {kind: value}, "criterion": criterion, "seed": seed, "recover": recover or []}
     if criterion == "dimap":
         s.update(scope="module", modules=family)
     return {"stages": [s]}
@@ -83,6 +93,43 @@ def sweep(name: str, model: torch.nn.Module, tr: Split, te: Split, calib: list) 
                       f"-{100 * min(r):.0f}..{100 * max(r):.0f}%" for (k, v), r in reductions.items())
     lines.append(f"\nMeasured MAC reductions across criteria: {span}")
     return lines
+
+
+def _target_name(kind: str, value: float) -> str:
+    return f"{'channels' if kind == 'sparsity' else 'FLOPs'} -{int(value * 100)}%"
+
+
+def recovery_sweep(name: str, model: torch.nn.Module, tr: Split, te: Split, calib: list) -> list[str]:
+    """One table per target: criterion x recovery, cells "no fine-tune / after 1 epoch" (test accuracy %)."""
+    x = tr.x[:2]
+    out: list[str] = []
+    seconds: dict[str, list[float]] = {r: [] for r, _ in RECOVERIES}
+    for kind, value in RECOVERY_TARGETS:
+        lines = [f"{name} at {_target_name(kind, value)}:", "",
+                 "| criterion | " + " | ".join(r for r, _ in RECOVERIES) + " |", "|---|" + "---|" * len(RECOVERIES)]
+        for crit in CRITERIA:
+            cells = []
+            for rname, rec in RECOVERIES:
+                raw, tuned = [], []
+                try:
+                    for seed in ([0, 1, 2] if crit == "random" else [0]):
+                        t0 = time.perf_counter()
+                        pruned = fxprune.compile(model, stage(crit, kind, value, FAMILIES[name], seed, rec),
+                                                 example_inputs=x, data=calib)
+                        seconds[rname].append(time.perf_counter() - t0)
+                        raw.append(accuracy(pruned, te))
+                        tuned.append(accuracy(finetuned(pruned, tr, 1, FT_LR, seed=seed), te))
+                except BudgetError as exc:
+                    log.warning("%s %s %s=%s: %s", name, crit, kind, value, exc)
+                    cells.append("n/a")
+                    continue
+                cells.append(f"{100 * np.mean(raw):.1f} / {100 * np.mean(tuned):.1f}")
+            lines.append(f"| {crit}{' (module)' if crit == 'dimap' else ''} | " + " | ".join(cells) + " |")
+        out += lines + [""]
+        log.info("%s recovery at %s=%s done", name, kind, value)
+    out.append("Median compile time (prune + recover) per setting: " + ", ".join(
+        f"{r} {np.median(t):.2f} s" for r, t in seconds.items()))
+    return out
 
 
 def iterative_study(model: torch.nn.Module, tr: Split, va: Split, te: Split) -> list[str]:
@@ -125,6 +172,9 @@ def iterative_study(model: torch.nn.Module, tr: Split, va: Split, te: Split) -> 
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--part", choices=["all", "criteria", "recover"], default="all")
+    part = parser.parse_args().part
     torch.set_num_threads(1)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     logging.getLogger("fxprune").setLevel(logging.WARNING)
@@ -139,9 +189,14 @@ def main() -> None:
         models[name] = model
         out += [f"## {cls.__name__}: unpruned test accuracy {100 * accuracy(model, te):.1f}%, "
                 f"{macs(model, tr.x[:1]) / 1e6:.2f} M MACs/image", ""]
-        out += sweep(name, model, tr, te, calib) + [""]
-        log.info("%s sweep done at %.0f s", name, time.perf_counter() - t0)
-    out += ["## Iterative stage (arXiv 2405.03715) on DigitsCNN", ""] + iterative_study(models["cnn"], tr, va, te)
+        if part in ("all", "criteria"):
+            out += sweep(name, model, tr, te, calib) + [""]
+        if part in ("all", "recover"):
+            out += ["### Recovery (recover: none / bn / bn+bias / bn+bias+lstsq)", ""]
+            out += recovery_sweep(name, model, tr, te, calib) + [""]
+        log.info("%s done at %.0f s", name, time.perf_counter() - t0)
+    if part in ("all", "criteria"):
+        out += ["## Iterative stage (arXiv 2405.03715) on DigitsCNN", ""] + iterative_study(models["cnn"], tr, va, te)
     out += ["", f"Total wall time: {time.perf_counter() - t0:.0f} s on 1 thread."]
     sys.stdout.write("\n".join(out) + "\n")
 

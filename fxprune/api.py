@@ -98,9 +98,11 @@ def compile(
         sub = prune_graph(scope.submodule, recipe, scope.inputs, data=scope.calibration_data(data),
                           evaluate=scope.whole_model_callback(evaluate), finetune=scope.whole_model_callback(finetune))
         return scope.finish(sub, recipe, backend=backend)
-    # User callbacks may train or run the working model in train mode: they get a private deep copy. Otherwise the
-    # copy aliases the model's weights until they are shrunk (half the peak memory on big models).
-    work = copy.deepcopy(model) if evaluate is not None or finetune is not None else shared_copy(model)
+    # User callbacks may train or run the working model in train mode, and stages that write weights in place (e.g.
+    # ``recover``) would write through to the model: they get a private deep copy. Otherwise the copy aliases the
+    # model's weights until they are shrunk (half the peak memory on big models).
+    private = evaluate is not None or finetune is not None or any(s.writes_weights() for s in recipe.stages)
+    work = copy.deepcopy(model) if private else shared_copy(model)
     gm = prune_graph(work.eval(), recipe, inputs, data=data, evaluate=evaluate, finetune=finetune,
                      bind=example_inputs)
     unshare(gm, model)
@@ -129,8 +131,9 @@ def prune_graph(module: nn.Module, recipe: Recipe, inputs: tuple, *, data: Any =
     record_shapes(gm, inputs)
     before = output_spec(gm)
     plan = Plan()
-    for stage in recipe.stages:
-        ctx = ScoreContext(data=data, example_inputs=inputs, evaluate=evaluate, finetune=finetune)
+    for i, stage in enumerate(recipe.stages):
+        ctx = ScoreContext(data=data, example_inputs=inputs, evaluate=evaluate, finetune=finetune,
+                           options={"stage": f"stages[{i}]"})
         plan = plan.compose(stage.run(gm, ctx))
     after = output_spec(gm)
     if before != after:

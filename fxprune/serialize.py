@@ -36,6 +36,7 @@ from .inputs import as_input_tuple
 from .ir.spec import TensorSpec, spec_of
 from .passes.replay import apply_plan
 from .plan import Plan
+from .recover.bias import add_missing_biases
 from .trace import record_shapes, trace, unwrap
 
 log = logging.getLogger(__name__)
@@ -190,6 +191,7 @@ def _default_inputs(specs: list[dict], path: Path) -> Any:
 
 
 def _load_weights(gm: nn.Module, tensors: dict[str, torch.Tensor], path: Path, arch: str) -> None:
+    add_missing_biases(gm, tensors)  # biases that recovery (``recover: [bias]`` / ``[lstsq]``) added
     own = gm.state_dict()
     missing = sorted(set(own) - set(tensors))
     extra = sorted(set(tensors) - set(own))

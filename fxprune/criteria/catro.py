@@ -38,6 +38,7 @@ import torch.fx as fx
 
 from ..analysis import Analysis
 from .base import ScoreContext, register_criterion
+from .scatter import ClassMoments
 from .taylor import iter_batches
 
 log = logging.getLogger(__name__)
@@ -142,8 +143,8 @@ def unit_scatter(a: Analysis, ctx: ScoreContext) -> tuple[np.ndarray, np.ndarray
     for i in spaces:
         s = a.spaces[i]
         wanted[s.owner].append((s.item, s.dim))
-    feats: dict[tuple[str, int, int], list[torch.Tensor]] = defaultdict(list)
-    labels = []
+    moments: dict[tuple[str, int, int], ClassMoments] = {
+        (a.spaces[i].owner, a.spaces[i].item, a.spaces[i].dim): ClassMoments(int(a.sizes[i])) for i in spaces}
     gm, was_training = a.gm, a.gm.training
     gm.eval()
     try:
@@ -152,20 +153,19 @@ def unit_scatter(a: Analysis, ctx: ScoreContext) -> tuple[np.ndarray, np.ndarray
                 cap = _Capture(gm, wanted, int(y.shape[0]))
                 cap.run(*inputs)
                 for key, t in cap.out.items():
-                    feats[key].append(t)
-                labels.append(y.reshape(-1).cpu().numpy())
+                    moments[key].add(t, y)
     finally:
         gm.train(was_training)
-    y_all = np.concatenate(labels)
     sb_slot = np.zeros(len(a.slot_unit))
     sw_slot = np.zeros(len(a.slot_unit))
     for i in spaces:
         s = a.spaces[i]
-        got = feats.get((s.owner, s.item, s.dim))
-        if not got:
+        got = moments[(s.owner, s.item, s.dim)]
+        got.reduce()  # under torch.distributed: the moments of every rank's batches
+        if not got.count.sum():
             log.debug("catro: no batch-shaped response for space %s", s.key())
             continue
-        sb, sw = class_scatter(torch.cat(got).numpy(), y_all)
+        sb, sw = got.scatter()
         lo = int(a.offsets[i])
         sb_slot[lo:lo + len(sb)] = sb
         sw_slot[lo:lo + len(sw)] = sw

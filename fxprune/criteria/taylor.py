@@ -30,9 +30,11 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from .. import distributed
 from ..analysis import Analysis
 from ..errors import FxPruneError
 from ..outputs import tensors_of
+from ..progress import calibration_pass
 from .base import ScoreContext, register_criterion, slot_values, unit_sum
 
 log = logging.getLogger(__name__)
@@ -66,7 +68,7 @@ def iter_batches(ctx: ScoreContext, criterion: str, *,
         need = "(inputs, labels) batches" if labels else "calibration batches"
         raise FxPruneError(f"criterion '{criterion}' needs data: pass fxprune.compile(..., data=<iterable of {need}>)")
     n = 0
-    for batch in ctx.data:
+    for batch in calibration_pass(ctx.data, f"criterion {criterion}"):
         inputs, y = split_batch(batch)
         if labels and y is None:
             raise FxPruneError(f"criterion '{criterion}' needs labeled data: every batch must be (inputs, labels) "
@@ -108,6 +110,9 @@ def grad_statistic(a: Analysis, ctx: ScoreContext, criterion: str,
                 if p.grad is not None:
                     acc[name] += per_batch(p.detach().float(), p.grad.detach().float())
             n += 1
+    # under torch.distributed: the mean over every rank's batches (each rank passes its own shard as data)
+    distributed.all_reduce_sum_many(list(acc.values()))
+    n = distributed.all_reduce_count(n)
     return {name: t / n for name, t in acc.items()}
 
 

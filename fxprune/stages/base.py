@@ -28,6 +28,7 @@ from ..criteria import ScoreContext, get_criterion
 from ..errors import RecipeError
 from ..plan import Plan
 from ..planner import Budget
+from ..recover import validate_recover
 
 _STAGES: dict[str, type[Stage]] = {}
 
@@ -60,6 +61,11 @@ class Stage:
         """Prune ``gm`` (traced, shapes recorded) in place; return the plan of what was done (original indices).
         ``ctx.example_inputs`` are the inputs shapes were recorded with."""
         raise NotImplementedError(f"stage kind '{self.kind}' ({type(self).__name__}) does not implement run()")
+
+    def writes_weights(self) -> bool:
+        """Whether ``run`` writes parameter or buffer values in place beyond slicing them (e.g. ``recover``):
+        ``fxprune.compile`` then works on a private deep copy, never on one that aliases the user's weights."""
+        return False
 
     def summary(self) -> str:
         """This stage in one line, for logs and the command line (``channels flops=0.5 by l2``)."""
@@ -225,5 +231,33 @@ class ChannelPruningStage(PruningStage):
             raise RecipeError(f"{path}.seed", f"must be an integer, got {self.seed!r}")
 
 
-__all__ = ["Stage", "PruningStage", "ChannelPruningStage", "register_stage", "stage_class", "stage_kinds",
-           "check_fields", "fraction", "is_number", "validate_patterns", "validate_counts"]
+@dataclass
+class RecoveringStage(ChannelPruningStage):
+    """A channel pruning stage that can repair the pruned layers without training: adds ``recover``.
+
+    Fields:
+        recover: training-free recovery after pruning, on the ``data`` batches: any of ``bn``, ``bias``,
+            ``lstsq`` (or ``{"lstsq": {options}}``); they run as bias, lstsq, bn (``fxprune.recover``). Written to
+            JSON only when not empty.
+    """
+
+    recover: list = field(default_factory=list)
+
+    def validate_budget(self, path: str) -> None:
+        super().validate_budget(path)
+        validate_recover(self.recover, f"{path}.recover")
+
+    def writes_weights(self) -> bool:
+        return bool(self.recover)
+
+    def to_dict(self) -> dict[str, Any]:
+        """As ``Stage.to_dict``; ``recover`` only when not empty (recipes written before the field existed keep
+        their exact form)."""
+        out = super().to_dict()
+        if out.get("recover") == []:
+            del out["recover"]
+        return out
+
+
+__all__ = ["Stage", "PruningStage", "ChannelPruningStage", "RecoveringStage", "register_stage", "stage_class",
+           "stage_kinds", "check_fields", "fraction", "is_number", "validate_patterns", "validate_counts"]

@@ -23,14 +23,15 @@ from ..ir.space import Space
 from ..passes.shrink_channels import ShrinkChannels
 from ..plan import Plan
 from ..planner import Budget, Planner
-from .base import ChannelPruningStage, register_stage, validate_counts
+from ..recover import stage_begin, stage_finish
+from .base import ChannelPruningStage, RecoveringStage, register_stage, validate_counts
 
 log = logging.getLogger(__name__)
 
 
 @register_stage("channels")
 @dataclass
-class ChannelStage(ChannelPruningStage):
+class ChannelStage(RecoveringStage):
     """Remove whole channels (filters, features, groups) and shrink every coupled layer.
 
     Fields:
@@ -50,6 +51,8 @@ class ChannelStage(ChannelPruningStage):
         layer_norm: ``freeze`` (default: LayerNorm-normalized dims never prune) or ``renormalize`` (they prune, and
             each pruned LayerNorm/RMSNorm normalizes over its kept channels only; this is how a ViT's embedding
             dim prunes, see ``fxprune/ops/norm_renormalize.py``). Written to JSON only when not the default.
+        recover: training-free recovery after pruning, on the ``data`` batches: any of ``bn``, ``bias``,
+            ``lstsq`` (they run as bias, lstsq, bn; ``fxprune.recover``). Written to JSON only when not empty.
     """
 
     scope: str = "local"
@@ -112,6 +115,9 @@ def prune_channels(gm: fx.GraphModule, stage: ChannelPruningStage, ctx: ScoreCon
                    options: Mapping[str, str], groups: Callable[[Analysis], Collection[int]] | None = None) -> Plan:
     """Prune ``gm`` in ``steps`` steps to ``stage.target``; returns the composed plan (original indices).
 
+    When the stage has ``recover`` (``fxprune.recover``), the pruned graph is repaired after the last step against a
+    copy of ``gm`` from before the first.
+
     Args:
         stage: the target, criterion, ignore patterns and seed (a ``channels``, ``heads`` or ``head_dim`` stage).
         budget: how the planner ranks units and how far it may go.
@@ -122,6 +128,7 @@ def prune_channels(gm: fx.GraphModule, stage: ChannelPruningStage, ctx: ScoreCon
     ctx = dataclasses.replace(ctx, seed=stage.seed)
     inputs = ctx.example_inputs
     criterion = get_criterion(stage.criterion)
+    dense = stage_begin(gm, stage, ctx)  # a copy before pruning when the stage has ``recover``
     plan = Plan()
     base: dict[str, int] = {}
     for step in range(1, steps + 1):
@@ -150,6 +157,7 @@ def prune_channels(gm: fx.GraphModule, stage: ChannelPruningStage, ctx: ScoreCon
         log.info("stage %s step %d/%d: %d units removed", stage.kind, step, steps, len(removed))
         ShrinkChannels(step_plan, inputs, a)(gm)
         plan = plan.compose(step_plan)
+    stage_finish(dense, gm, plan, stage, ctx)
     return plan
 
 

@@ -31,7 +31,7 @@ from ..ir.space import Space
 from ..ops.registry import OpRule
 from ..plan import Plan
 from ..planner import Budget
-from .base import ChannelPruningStage, register_stage, validate_counts
+from .base import RecoveringStage, register_stage, validate_counts
 from .channels import prune_channels
 
 #: which spaces of a node its op rule names as attention heads, or as per-head features
@@ -57,7 +57,7 @@ def head_groups(a: Analysis, spaces_of: SpacesOf = head_spaces) -> set[int]:
 
 @register_stage("heads")
 @dataclass
-class HeadStage(ChannelPruningStage):
+class HeadStage(RecoveringStage):
     """Remove whole attention heads (and rewrite ``num_heads`` and every reshape constant that depends on it).
 
     Fields:
@@ -71,6 +71,7 @@ class HeadStage(ChannelPruningStage):
         steps: prune in this many steps, re-scoring in between.
         max_sparsity: at most this fraction of a layer's heads is removed (one head is always kept).
         seed: seed of random criteria.
+        recover: recovery after pruning, as in the ``channels`` stage (``fxprune.recover``).
     """
 
     scope: str = "local"

@@ -29,20 +29,22 @@ import numpy as np
 import torch.fx as fx
 from tqdm.auto import tqdm
 
+from .. import distributed
 from ..analysis import Analysis, analyze
 from ..criteria import ScoreContext, get_criterion
 from ..errors import FxPruneError, RecipeError
 from ..passes.shrink_channels import ShrinkChannels
 from ..plan import Plan
 from ..planner import Planner
-from .base import ChannelPruningStage, is_number, register_stage, validate_counts
+from ..recover import stage_begin, stage_finish
+from .base import RecoveringStage, is_number, register_stage, validate_counts
 
 log = logging.getLogger(__name__)
 
 
 @register_stage("iterative")
 @dataclass
-class IterativeStage(ChannelPruningStage):
+class IterativeStage(RecoveringStage):
     """Prune the most profitable groups step by step, measured by ``evaluate``, fine-tuning after each step.
 
     Fields:
@@ -53,6 +55,7 @@ class IterativeStage(ChannelPruningStage):
         layers_per_step: groups pruned per step (the best-scoring ones).
         steps: at most this many steps.
         ignore, round_to, max_sparsity, seed: as in the ``channels`` stage.
+        recover: recovery after each step's pruning, before ``finetune`` (``fxprune.recover``).
     """
 
     target: dict = field(default_factory=lambda: {"flops": 0.5})
@@ -91,19 +94,29 @@ def _replay(gm: fx.GraphModule, plan: Plan, inputs: tuple, analysis: Analysis) -
 
 def _sweep(planner: Planner, gm: fx.GraphModule, stage: IterativeStage, ctx: ScoreContext, inputs: tuple,
            alpha: float, step: int) -> list[tuple[float, int, np.ndarray]]:
-    """Per group, the best ``(score, group index, removed units)`` over the rates, best group first."""
+    """Per group, the best ``(score, group index, removed units)`` over the rates, best group first.
+
+    Under ``torch.distributed`` the evaluations are split across ranks (candidate ``j`` on rank ``j % world``)
+    and gathered, so ``evaluate`` must return the same value on every rank (e.g. a full validation set)."""
+    candidates: list[tuple[int, float, np.ndarray]] = []  # (group index, rate, removed units)
+    for i, o in enumerate(planner.orders):
+        for rate in stage.rates:
+            removed = planner.prefix(o, int(math.floor(rate * o.n_prunable + 1e-9)))
+            if len(removed):
+                candidates.append((i, rate, removed))
+    mine = list(range(distributed.rank(), len(candidates), distributed.world_size()))
+    metrics: dict[int, float] = {}
+    for j in tqdm(mine, desc=f"fxprune iterative step {step}", leave=False,
+                  disable=not mine or not distributed.is_main()):
+        metrics[j] = float(ctx.evaluate(_replay(gm, planner.plan(candidates[j][2]), inputs, planner.a)))
+    for part in distributed.all_gather_objects(metrics):
+        metrics.update(part)
     best: dict[int, tuple[float, int, np.ndarray]] = {}
-    todo = [(i, r) for i, o in enumerate(planner.orders) for r in stage.rates]
-    for i, rate in tqdm(todo, desc=f"fxprune iterative step {step}", leave=False, disable=not todo):
-        o = planner.orders[i]
-        removed = planner.prefix(o, int(math.floor(rate * o.n_prunable + 1e-9)))
-        if len(removed) == 0:
-            continue
+    for j, (i, rate, removed) in enumerate(candidates):
         saving = planner.reduction(removed, stage.metric)
-        metric = float(ctx.evaluate(_replay(gm, planner.plan(removed), inputs, planner.a)))
-        score = saving * max(metric, 0.0) ** alpha
-        log.debug("step %d group %d rate %.2f: saving %.4f metric %.4f score %.3g", step, o.group, rate, saving,
-                  metric, score)
+        score = saving * max(metrics[j], 0.0) ** alpha
+        log.debug("step %d group %d rate %.2f: saving %.4f metric %.4f score %.3g", step, planner.orders[i].group,
+                  rate, saving, metrics[j], score)
         if i not in best or score > best[i][0]:
             best[i] = (score, i, removed)
     return sorted(best.values(), key=lambda t: (-t[0], t[1]))
@@ -135,6 +148,8 @@ def run_iterative_stage(gm: fx.GraphModule, stage: IterativeStage, ctx: ScoreCon
     if ctx.evaluate is None:
         raise FxPruneError("stage 'iterative' needs evaluate: pass fxprune.compile(..., evaluate=fn) with "
                            "fn(model) -> float, higher is better (e.g. validation accuracy)")
+    if stage.recover and ctx.data is None:
+        stage_begin(gm, stage, ctx)  # raises the "needs data" error before any evaluation runs
     ctx = dataclasses.replace(ctx, seed=stage.seed)
     inputs = ctx.example_inputs
     criterion = get_criterion(stage.criterion)
@@ -157,7 +172,9 @@ def run_iterative_stage(gm: fx.GraphModule, stage: IterativeStage, ctx: ScoreCon
         step_plan = planner.plan(removed)
         counts = planner.counter.count(planner.new_sizes(removed))
         step_plan.stats = {**counts, "step": step}
+        dense = stage_begin(gm, stage, ctx)  # the step's dense reference when the stage has ``recover``
         ShrinkChannels(step_plan, inputs, a)(gm)
+        stage_finish(dense, gm, step_plan, stage, ctx)
         plan = plan.compose(step_plan)
         log.info("iterative step %d: %d groups, %d units removed, %s %.4f of the original left (alpha %.1f)", step,
                  len({int(g) for g in a.unit_group[removed]}), len(removed), stage.metric,

@@ -26,10 +26,12 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+from ... import distributed
 from ...criteria.base import ScoreContext
 from ...criteria.taylor import split_batch
 from ...errors import FxPruneError
 from ...outputs import tensors_of
+from ...progress import calibration_pass
 from .criteria import BlockCosts, blocks_of, register_block_criterion
 from .layers import LinearLayer
 
@@ -46,7 +48,7 @@ def _calibration(ctx: ScoreContext, max_batches: int) -> Iterator[tuple]:
         yield tuple(ctx.example_inputs)
         return
     n = 0
-    for batch in ctx.data:
+    for batch in calibration_pass(ctx.data, "criterion lpvit"):
         if n >= max_batches:
             break
         inputs, _ = split_batch(batch)
@@ -93,6 +95,8 @@ def energy_gradients(gm: fx.GraphModule, layers: list[LinearLayer], ctx: ScoreCo
         for p, flag in flags.items():
             p.requires_grad_(flag)
         gm.train(training)
+    distributed.all_reduce_sum_many(g_sum + f_sum)  # under torch.distributed: every rank's batches
+    n = distributed.all_reduce_count(n)
     log.debug("lpvit: gradients of the output energy over %d calibration batches", n)
     return [g / n for g in g_sum], [f / n for f in f_sum]
 

@@ -1,0 +1,119 @@
+"""Cost of training-free recovery (``recover``) on torchvision resnet50 at 224x224 with 64 calibration images.
+
+Run: ``python bench/bench_recover_cost.py`` (2 threads, a few minutes). Prints a markdown table to stdout.
+
+resnet50 (random weights) is pruned at ``flops: 0.5`` with ``l2`` (no data needed to plan), then each recovery
+setting is applied to a fresh copy of the pruned model with ``fxprune.recover.recover`` on 4 batches of 16 images.
+Reported per setting: wall seconds, the multiple of one plain calibration pass (the dense model's forward over the
+same 64 images, no grad), the seconds of each streamed pass (from the ``fxprune.progress`` timing logs), and the
+peak resident memory above the level before recovery (sampled every 5 ms with psutil).
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import sys
+import threading
+import time
+from collections.abc import Iterator
+
+import psutil
+import torch
+import torchvision
+
+import fxprune
+from fxprune.recover import LstsqOptions, recover
+
+SETTINGS = [
+    ("bn", ["bn"], None),
+    ("bias", ["bias"], None),
+    ("lstsq (default: passes 4)", ["lstsq"], None),
+    ("bn+bias+lstsq (default: passes 4)", ["bn", "bias", "lstsq"], None),
+    ("bn+bias+lstsq, passes 2", ["bn", "bias", "lstsq"], LstsqOptions(passes=2)),
+    ("bn+bias+lstsq, passes 1", ["bn", "bias", "lstsq"], LstsqOptions(passes=1)),
+]
+
+
+@contextlib.contextmanager
+def peak_rss(every: float = 0.005) -> Iterator[dict[str, int]]:
+    """``{"start", "peak"}`` resident set sizes (bytes) while inside the block, sampled by a thread."""
+    proc = psutil.Process()
+    mem = {"start": proc.memory_info().rss}
+    mem["peak"] = mem["start"]
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.is_set():
+            mem["peak"] = max(mem["peak"], proc.memory_info().rss)
+            time.sleep(every)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    try:
+        yield mem
+    finally:
+        stop.set()
+        thread.join()
+
+
+class PassLog(logging.Handler):
+    """Collects the ``calibration pass`` timing records of ``fxprune.progress``."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.passes: list[tuple[str, float]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.msg.startswith("calibration pass"):
+            desc, _, seconds = record.args[:3]
+            self.passes.append((str(desc), float(seconds)))
+
+
+def plain_pass(model: torch.nn.Module, data: list[torch.Tensor]) -> float:
+    start = time.perf_counter()
+    with torch.no_grad():
+        for x in data:
+            model(x)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    torch.set_num_threads(2)
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    passes = PassLog()
+    progress = logging.getLogger("fxprune.progress")
+    progress.setLevel(logging.INFO)
+    progress.addHandler(passes)
+    torch.manual_seed(0)
+    model = torchvision.models.resnet50(weights=None).eval()
+    data = [torch.randn(16, 3, 224, 224) for _ in range(4)]
+    x = data[0][:1]
+    pruned = fxprune.compile(model, {"stages": [{"target": {"flops": 0.5}, "criterion": "l2"}]}, example_inputs=x)
+    dense = fxprune.trace(copy.deepcopy(model))
+    fxprune.record_shapes(dense, (x,))
+    plain_pass(dense, data[:1])  # warm-up
+    plain = min(plain_pass(dense, data) for _ in range(2))
+    pruned_plain = min(plain_pass(pruned, data) for _ in range(2))
+    rows = []
+    for name, methods, options in SETTINGS:
+        work = copy.deepcopy(pruned)
+        passes.passes.clear()
+        with peak_rss() as mem:
+            start = time.perf_counter()
+            report = recover(dense, work, pruned.fxprune_plan, data, methods, options)
+            seconds = time.perf_counter() - start
+        detail = ", ".join(f"{d.removeprefix('recover ')} {s:.1f}" for d, s in passes.passes)
+        rows.append(f"| {name} | {seconds:.1f} | {seconds / plain:.2f}x | {(mem['peak'] - mem['start']) / 2**20:.0f} | "
+                    f"{len(report['consumers'])} | {detail} |")
+        logging.getLogger("bench").warning("%s: %.1f s", name, seconds)
+    out = [(f"resnet50 at 224, flops 0.5 (l2), 64 calibration images in 4 batches of 16, {torch.get_num_threads()} "
+            f"threads. Plain calibration pass (dense forward over the 64 images): {plain:.1f} s; the pruned model's: "
+            f"{pruned_plain:.1f} s."), "",
+           "| recover | seconds | x plain pass | peak extra RSS (MiB) | consumer layers | streamed passes (s) |",
+           "|---|---|---|---|---|---|", *rows]
+    sys.stdout.write("\n".join(out) + "\n")
+
+
+if __name__ == "__main__":
+    main()

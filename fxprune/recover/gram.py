@@ -1,0 +1,95 @@
+"""Streamed float64 normal equations of a (batched) ridge regression ``Y ≈ [X, 1] W``.
+
+``Gram.add`` folds in one batch of rows; only ``XᵀX``, ``Xᵀ1``, ``XᵀY``, ``1ᵀY``, ``ΣY²`` and the row count are
+kept, so memory is independent of the number of calibration samples. ``Gram.reduce`` sums them over
+``torch.distributed`` ranks, and ``Gram.solve`` returns
+
+    W = argmin ||[X, 1] W - Y||² + λ ||W - W0||²,   λ = ridge · mean(diag(XᵀX)),
+
+the ridge pulling towards the current weights ``W0`` (scale-free: ``ridge`` is relative to the mean input energy).
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import distributed
+
+#: rows folded in per matrix product: bounds the float64 copy of a chunk to about 32 MB
+_CHUNK_ELEMENTS = 1 << 22
+
+
+class Gram:
+    """Normal equations of ``groups`` independent regressions with ``n_in`` inputs (plus a bias) and ``n_out``
+    outputs each."""
+
+    def __init__(self, groups: int, n_in: int, n_out: int, device: torch.device | str = "cpu") -> None:
+        f64 = {"dtype": torch.float64, "device": device}
+        self.xx = torch.zeros(groups, n_in, n_in, **f64)
+        self.xsum = torch.zeros(groups, n_in, **f64)
+        self.xy = torch.zeros(groups, n_in, n_out, **f64)
+        self.ysum = torch.zeros(groups, n_out, **f64)
+        self.yy = torch.zeros(groups, **f64)
+        self.rows = torch.zeros(1, **f64)
+
+    def add(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """Fold in rows ``x`` ``[groups, R, n_in]`` with targets ``y`` ``[groups, R, n_out]``."""
+        r = x.shape[1]
+        step = max(1, _CHUNK_ELEMENTS // max(1, x.shape[0] * x.shape[2]))
+        for lo in range(0, r, step):
+            xc = x[:, lo:lo + step].to(torch.float64)
+            yc = y[:, lo:lo + step].to(torch.float64)
+            if xc.shape[0] == 1:  # one regression: a plain GEMM, faster than a batch of one
+                self.xx[0].addmm_(xc[0].T, xc[0])
+                self.xy[0].addmm_(xc[0].T, yc[0])
+            else:
+                self.xx.baddbmm_(xc.transpose(1, 2), xc)
+                self.xy.baddbmm_(xc.transpose(1, 2), yc)
+            self.xsum += xc.sum(1)
+            self.ysum += yc.sum(1)
+            self.yy += yc.pow(2).sum((1, 2))
+        self.rows += r
+
+    def reduce(self) -> None:
+        """Sum the statistics over every ``torch.distributed`` rank (no-op in one process)."""
+        distributed.all_reduce_sum_many([self.xx, self.xsum, self.xy, self.ysum, self.yy, self.rows])
+
+    def augmented(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[X, 1]ᵀ[X, 1]`` and ``[X, 1]ᵀY``: ``[groups, n_in + 1, n_in + 1]`` and ``[groups, n_in + 1, n_out]``."""
+        g, n = self.xsum.shape
+        a = self.xx.new_empty(g, n + 1, n + 1)
+        a[:, :n, :n] = self.xx
+        a[:, :n, n] = self.xsum
+        a[:, n, :n] = self.xsum
+        a[:, n, n] = self.rows
+        return a, torch.cat([self.xy, self.ysum[:, None, :]], 1)
+
+    def ridge_lambda(self, ridge: float) -> torch.Tensor:
+        """``ridge · mean(diag(XᵀX))`` per group (``ridge`` itself where the inputs are all zero)."""
+        energy = torch.diagonal(self.xx, dim1=1, dim2=2).mean(1)
+        return torch.where(energy > 0, ridge * energy, torch.full_like(energy, ridge))
+
+    def solve(self, w0: torch.Tensor, ridge: float) -> tuple[torch.Tensor, float]:
+        """The ridge solution ``[groups, n_in + 1, n_out]`` (last row: bias), pulled towards ``w0`` (same shape), and
+        its squared residual ``||[X, 1] W - Y||²`` on the accumulated rows (from the statistics alone)."""
+        a, b = self.augmented()
+        lam = self.ridge_lambda(ridge)
+        w0 = w0.to(torch.float64)
+        torch.diagonal(a, dim1=1, dim2=2).add_(lam[:, None])
+        b_reg = b + lam[:, None, None] * w0
+        chol, info = torch.linalg.cholesky_ex(a)
+        if bool((info == 0).all()):
+            w = torch.cholesky_solve(b_reg, chol)
+        else:  # not positive definite in floating point: a least-squares solve
+            w = torch.linalg.lstsq(a, b_reg).solution
+        # (A + λI) W = B + λ W0 gives Wᵀ A W = Wᵀ B + λ Wᵀ (W0 - W): no product with A is needed
+        quad = (w * b).sum() + (lam[:, None, None] * w * (w0 - w)).sum()
+        return w, float((quad - 2 * (w * b).sum() + self.yy.sum()).clamp_min(0))
+
+    def error(self, w: torch.Tensor) -> float:
+        """``||[X, 1] W - Y||²`` summed over groups, from the statistics alone (one product with ``XᵀX``)."""
+        a, b = self.augmented()
+        w = w.to(torch.float64)
+        return float(((w * (a @ w)).sum() - 2 * (w * b).sum() + self.yy.sum()).clamp_min(0))
+
+
+__all__ = ["Gram"]
