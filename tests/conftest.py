@@ -11,6 +11,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import ctypes
 import gc
+from collections.abc import Iterator
 
 import numpy as np
 import psutil
@@ -28,9 +29,12 @@ def _seed() -> None:
     np.random.seed(0)
 
 
-# After a test leaves the process above this resident size, collect garbage and hand freed heap pages back to the
-# OS (glibc keeps them otherwise): one big model then never inflates the worker for the rest of the run.
-TRIM_ABOVE_BYTES = 1_500_000_000
+# After a test leaves the process above these resident sizes, hand freed heap pages back to the OS (glibc keeps them
+# otherwise; malloc_trim takes well under a millisecond), and above the second also collect garbage first (a full
+# gc.collect() takes about 0.3 s once transformers is imported, too slow to run after every test): one big model
+# then never inflates a worker for the rest of the run.
+TRIM_ABOVE_BYTES = 2_000_000_000
+COLLECT_ABOVE_BYTES = 3_000_000_000
 _PROCESS = psutil.Process()
 try:
     _LIBC = ctypes.CDLL("libc.so.6")
@@ -38,18 +42,20 @@ except OSError:  # not glibc: nothing to trim
     _LIBC = None
 
 
-def release_memory() -> None:
-    """``gc.collect()`` and ``malloc_trim(0)``: return the memory of dead objects to the OS."""
-    gc.collect()
+def release_memory(collect: bool = True) -> None:
+    """``gc.collect()`` (if ``collect``) and ``malloc_trim(0)``: return the memory of dead objects to the OS."""
+    if collect:
+        gc.collect()
     if _LIBC is not None:
         _LIBC.malloc_trim(0)
 
 
 @pytest.fixture(autouse=True)
-def _memory_hygiene() -> None:
+def _memory_hygiene() -> Iterator[None]:
     yield
-    if _PROCESS.memory_info().rss > TRIM_ABOVE_BYTES:
-        release_memory()
+    rss = _PROCESS.memory_info().rss
+    if rss > TRIM_ABOVE_BYTES:
+        release_memory(collect=rss > COLLECT_ABOVE_BYTES)
 
 
 @pytest.hookimpl(tryfirst=True)
