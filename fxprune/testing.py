@@ -6,10 +6,9 @@ removed channels is zeroed at those channels right where it is produced (``torch
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import hashlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -23,6 +22,7 @@ from .api import compile as fx_compile
 from .capture.outputs import output_structure
 from .ir.space import Space
 from .ir.spec import TensorSpec, spec_of
+from .modes import eval_no_grad
 from .ops.registry import module_rule
 from .outputs import tensors_of
 from .passes.replay import apply_plan
@@ -132,7 +132,7 @@ def masked_model(model: nn.Module, plan: Plan, example_inputs: Sequence[Any],
     copies with the removed slices zeroed; ``model`` itself is never modified.
     """
     gm = trace(model, leaf_modules, example_inputs=example_inputs)
-    with _eval_mode(gm):
+    with eval_no_grad(gm):
         record_shapes(gm, _as_tuple(example_inputs))
     _mask_leaf_internals(gm, plan)
     norms = _norm_nodes(gm) if plan.options.get("layer_norm") == "renormalize" else []
@@ -192,19 +192,6 @@ def _mask_leaf_internals(gm: fx.GraphModule, plan: Plan) -> None:
         rule.mask_removed(copies[path], space.dim, np.setdiff1d(np.arange(plan.sizes[space.key()]), kept))
 
 
-@contextlib.contextmanager
-def _eval_mode(module: nn.Module) -> Iterator[None]:
-    """Eval mode and no gradients inside; every submodule's training flag restored after."""
-    flags = {m: m.training for m in module.modules()}
-    module.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        for m, flag in flags.items():
-            m.training = flag
-
-
 def _as_tuple(inputs: Any) -> tuple:
     """Example inputs (a tensor, a tuple/list, or a dict of keyword inputs) as a tuple in graph-input order."""
     from .capture import input_tuple
@@ -213,7 +200,7 @@ def _as_tuple(inputs: Any) -> tuple:
 
 
 def _run_eval(module: nn.Module, inputs: tuple) -> Any:
-    with _eval_mode(module):
+    with eval_no_grad(module):
         return module(*inputs)
 
 

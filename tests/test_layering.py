@@ -23,7 +23,8 @@ KERNELS = ROOT.parent / "kernels"  # installed as fxprune.kernels
 #: the layer of every top-level part of fxprune (ARCHITECTURE.md, "What each layer may import"): a module may import
 #: its own part and parts of a lower rank only. "" is the package itself (``fxprune/__init__.py``, the public facade).
 RANKS = {
-    "ir": 0, "errors": 0, "outputs": 0, "copies": 0, "defaults": 0, "attribute_snapshot": 0, "distributed": 0,
+    "ir": 0, "errors": 0, "outputs": 0, "copies": 0, "defaults": 0, "attribute_snapshot": 0, "modes": 0,
+    "distributed": 0,
     "kernels": 1, "progress": 1, "nn": 2,
     "ops": 3,
     "analysis": 4, "trace": 4, "plan": 4, "inputs": 4,

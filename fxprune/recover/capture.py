@@ -5,7 +5,6 @@ Nothing here keeps activations across batches: hooks hand each tensor to a callb
 """
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -16,6 +15,7 @@ from torch import nn
 
 from ..criteria.taylor import split_batch
 from ..errors import FxPruneError
+from ..modes import eval_no_grad
 from ..progress import calibration_pass
 
 
@@ -35,20 +35,6 @@ def input_batches(data: Any, what: str, desc: str) -> Iterator[tuple]:
     if n == 0:
         raise FxPruneError(f"{what}: data yielded no batches (an exhausted iterator? pass a list or a DataLoader, "
                            f"which can be iterated once per pass)")
-
-
-@contextlib.contextmanager
-def eval_no_grad(*models: nn.Module) -> Iterator[None]:
-    """Every module of ``models`` in eval mode and no gradients inside; each module's training flag restored after."""
-    flags = {m: m.training for model in models for m in model.modules()}
-    for model in models:
-        model.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        for m, flag in flags.items():
-            m.training = flag
 
 
 def run_watching(model: nn.Module, inputs: tuple, calls: dict[str, int],
