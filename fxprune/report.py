@@ -7,6 +7,7 @@ from typing import Any
 from torch import nn
 
 from .copies import shared_copy
+from .inputs import as_input_tuple
 from .submodule import capture_inputs
 from .trace import record_shapes, trace, unwrap
 from .work import count_model
@@ -64,11 +65,10 @@ def report(before: nn.Module, after: nn.Module, example_inputs: Any) -> Report:
     For a model pruned with a recipe ``submodule`` (a detector's backbone), MACs are those of that submodule on
     the inputs it receives from one run of the whole model (the rest may not trace); params are whole-model counts.
     """
-    from .capture import input_tuple
     from .capture.leaves import capture_lines
 
     bind = example_inputs
-    inputs = input_tuple(example_inputs)
+    inputs = as_input_tuple(example_inputs)
     sub = getattr(getattr(after, "fxprune_recipe", None), "submodule", "") or ""
     before, after = unwrap(before)[0], unwrap(after)[0]  # torch.compile / DataParallel wrappers
     if sub:

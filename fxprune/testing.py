@@ -20,6 +20,7 @@ from torch import nn
 from .analysis import Analysis, analyze
 from .api import compile as fx_compile
 from .capture.outputs import output_structure
+from .inputs import as_input_tuple
 from .ir.space import Space
 from .ir.spec import TensorSpec, spec_of
 from .modes import eval_no_grad
@@ -133,7 +134,7 @@ def masked_model(model: nn.Module, plan: Plan, example_inputs: Sequence[Any],
     """
     gm = trace(model, leaf_modules, example_inputs=example_inputs)
     with eval_no_grad(gm):
-        record_shapes(gm, _as_tuple(example_inputs))
+        record_shapes(gm, as_input_tuple(example_inputs))
     _mask_leaf_internals(gm, plan)
     norms = _norm_nodes(gm) if plan.options.get("layer_norm") == "renormalize" else []
     by_node: dict[str, dict[int, torch.Tensor]] = {}
@@ -192,13 +193,6 @@ def _mask_leaf_internals(gm: fx.GraphModule, plan: Plan) -> None:
         rule.mask_removed(copies[path], space.dim, np.setdiff1d(np.arange(plan.sizes[space.key()]), kept))
 
 
-def _as_tuple(inputs: Any) -> tuple:
-    """Example inputs (a tensor, a tuple/list, or a dict of keyword inputs) as a tuple in graph-input order."""
-    from .capture import input_tuple
-
-    return input_tuple(inputs)
-
-
 def _run_eval(module: nn.Module, inputs: tuple) -> Any:
     with eval_no_grad(module):
         return module(*inputs)
@@ -226,7 +220,7 @@ def assert_masked_equals_shrunk(
         atol, rtol: tolerances; ``atol`` is scaled by the largest output magnitude (randomly initialised deep
             nets reach large activations, and float32 sums in another order differ by a relative amount).
     """
-    bind, inputs = inputs, _as_tuple(inputs)
+    bind, inputs = inputs, as_input_tuple(inputs)
     if shrunk is None:
         shrunk = trace(copy.deepcopy(model).eval(), leaf_modules, example_inputs=bind)
         record_shapes(shrunk, inputs)
@@ -281,7 +275,7 @@ def assert_compiles(model: nn.Module, *inputs: Any, backend: str = "aot_eager", 
 def prune_and_check(model: nn.Module, recipe: Any, inputs: Any, *, atol: float = 1e-4,
                     rtol: float = 1e-4) -> fx.GraphModule:
     """``fxprune.compile`` then ``assert_masked_equals_shrunk``; also checks the input model was not modified."""
-    inputs = inputs if isinstance(inputs, dict) else _as_tuple(inputs)
+    inputs = inputs if isinstance(inputs, dict) else as_input_tuple(inputs)
     recipe = Recipe.load(recipe)
     state = state_digest(model)  # digests, not clones: vit_h_14 is 2.5 GB
     pruned = fx_compile(model, recipe, example_inputs=inputs)

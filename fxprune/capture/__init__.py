@@ -2,7 +2,7 @@
 structured outputs (see ``leaves.capture``)."""
 from .guards import GuardError
 from .leaves import CaptureInfo, LeafNote, capture, capture_info
-from .signature import bind_inputs, input_tuple, plain_signature
+from .signature import bind_inputs, plain_signature
 
-__all__ = ["GuardError", "CaptureInfo", "LeafNote", "capture", "capture_info", "bind_inputs", "input_tuple",
+__all__ = ["GuardError", "CaptureInfo", "LeafNote", "capture", "capture_info", "bind_inputs",
            "plain_signature"]

@@ -16,7 +16,6 @@ import torch
 from torch import nn
 
 from ..errors import ExampleInputsError
-from ..inputs import as_input_tuple
 
 
 @dataclass(frozen=True)
@@ -93,5 +92,3 @@ def plain_signature(model: nn.Module, example_inputs: Any) -> bool:
         return False
     return not any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in params)
 
-
-input_tuple = as_input_tuple  # the example inputs in graph-input order (one definition: fxprune.inputs)
