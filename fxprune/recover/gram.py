@@ -16,6 +16,9 @@ from .. import distributed
 
 #: rows folded in per matrix product: bounds the float64 copy of a chunk to about 32 MB
 _CHUNK_ELEMENTS = 1 << 22
+#: from this many inputs on, ``XᵀX`` of one regression is accumulated by row blocks of this size, lower triangle
+#: only (about 35% fewer float64 operations on resnet50's widest layers); ``symmetric_xx`` restores the rest
+_BLOCK = 512
 
 
 class Gram:
@@ -38,9 +41,15 @@ class Gram:
         for lo in range(0, r, step):
             xc = x[:, lo:lo + step].to(torch.float64)
             yc = y[:, lo:lo + step].to(torch.float64)
-            if xc.shape[0] == 1:  # one regression: a plain GEMM, faster than a batch of one
-                self.xx[0].addmm_(xc[0].T, xc[0])
-                self.xy[0].addmm_(xc[0].T, yc[0])
+            if xc.shape[0] == 1:  # one regression: plain GEMMs, faster than a batch of one
+                x0, n = xc[0], xc.shape[2]
+                if n > 2 * _BLOCK:
+                    for i0 in range(0, n, _BLOCK):
+                        i1 = min(n, i0 + _BLOCK)
+                        self.xx[0, i0:i1, :i1].addmm_(x0[:, i0:i1].T, x0[:, :i1])
+                else:
+                    self.xx[0].addmm_(x0.T, x0)
+                self.xy[0].addmm_(x0.T, yc[0])
             else:
                 self.xx.baddbmm_(xc.transpose(1, 2), xc)
                 self.xy.baddbmm_(xc.transpose(1, 2), yc)
@@ -53,11 +62,15 @@ class Gram:
         """Sum the statistics over every ``torch.distributed`` rank (no-op in one process)."""
         distributed.all_reduce_sum_many([self.xx, self.xsum, self.xy, self.ysum, self.yy, self.rows])
 
+    def symmetric_xx(self) -> torch.Tensor:
+        """``XᵀX`` from its lower triangle (all ``add`` keeps exactly; the same matrix if it is complete)."""
+        return torch.tril(self.xx) + torch.tril(self.xx, -1).transpose(1, 2)
+
     def augmented(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``[X, 1]ᵀ[X, 1]`` and ``[X, 1]ᵀY``: ``[groups, n_in + 1, n_in + 1]`` and ``[groups, n_in + 1, n_out]``."""
         g, n = self.xsum.shape
         a = self.xx.new_empty(g, n + 1, n + 1)
-        a[:, :n, :n] = self.xx
+        a[:, :n, :n] = self.symmetric_xx()
         a[:, :n, n] = self.xsum
         a[:, n, :n] = self.xsum
         a[:, n, n] = self.rows
