@@ -17,8 +17,13 @@ from .. import distributed
 #: rows folded in per matrix product: bounds the float64 copy of a chunk to about 32 MB
 _CHUNK_ELEMENTS = 1 << 22
 #: from this many inputs on, ``XᵀX`` of one regression is accumulated by row blocks of this size, lower triangle
-#: only (about 35% fewer float64 operations on resnet50's widest layers); ``symmetric_xx`` restores the rest
+#: only (about 35% fewer float64 operations on resnet50's widest layers); ``augmented`` restores the rest
 _BLOCK = 512
+
+
+def _symmetric(a: torch.Tensor) -> torch.Tensor:
+    """The symmetric matrices (batched) whose lower triangles are those of ``a``."""
+    return torch.tril(a) + torch.tril(a, -1).transpose(1, 2)
 
 
 class Gram:
@@ -62,15 +67,12 @@ class Gram:
         """Sum the statistics over every ``torch.distributed`` rank (no-op in one process)."""
         distributed.all_reduce_sum_many([self.xx, self.xsum, self.xy, self.ysum, self.yy, self.rows])
 
-    def symmetric_xx(self) -> torch.Tensor:
-        """``XᵀX`` from its lower triangle (all ``add`` keeps exactly; the same matrix if it is complete)."""
-        return torch.tril(self.xx) + torch.tril(self.xx, -1).transpose(1, 2)
-
-    def augmented(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``[X, 1]ᵀ[X, 1]`` and ``[X, 1]ᵀY``: ``[groups, n_in + 1, n_in + 1]`` and ``[groups, n_in + 1, n_out]``."""
+    def augmented(self, lower: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[X, 1]ᵀ[X, 1]`` and ``[X, 1]ᵀY``: ``[groups, n_in + 1, n_in + 1]`` and ``[groups, n_in + 1, n_out]``.
+        With ``lower``, only the lower triangle of the first is valid (all that a Cholesky factorization reads)."""
         g, n = self.xsum.shape
         a = self.xx.new_empty(g, n + 1, n + 1)
-        a[:, :n, :n] = self.symmetric_xx()
+        a[:, :n, :n] = self.xx if lower else _symmetric(self.xx)
         a[:, :n, n] = self.xsum
         a[:, n, :n] = self.xsum
         a[:, n, n] = self.rows
@@ -84,16 +86,16 @@ class Gram:
     def solve(self, w0: torch.Tensor, ridge: float) -> tuple[torch.Tensor, float]:
         """The ridge solution ``[groups, n_in + 1, n_out]`` (last row: bias), pulled towards ``w0`` (same shape), and
         its squared residual ``||[X, 1] W - Y||²`` on the accumulated rows (from the statistics alone)."""
-        a, b = self.augmented()
+        a, b = self.augmented(lower=True)
         lam = self.ridge_lambda(ridge)
         w0 = w0.to(torch.float64)
         torch.diagonal(a, dim1=1, dim2=2).add_(lam[:, None])
         b_reg = b + lam[:, None, None] * w0
-        chol, info = torch.linalg.cholesky_ex(a)
+        chol, info = torch.linalg.cholesky_ex(a)  # reads the lower triangle only
         if bool((info == 0).all()):
             w = torch.cholesky_solve(b_reg, chol)
         else:  # not positive definite in floating point: a least-squares solve
-            w = torch.linalg.lstsq(a, b_reg).solution
+            w = torch.linalg.lstsq(_symmetric(a), b_reg).solution
         # (A + λI) W = B + λ W0 gives Wᵀ A W = Wᵀ B + λ Wᵀ (W0 - W): no product with A is needed
         quad = (w * b).sum() + (lam[:, None, None] * w * (w0 - w)).sum()
         return w, float((quad - 2 * (w * b).sum() + self.yy.sum()).clamp_min(0))
