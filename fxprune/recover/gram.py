@@ -16,9 +16,13 @@ from .. import distributed
 
 #: rows folded in per matrix product: bounds the float64 copy of a chunk to about 32 MB
 _CHUNK_ELEMENTS = 1 << 22
-#: from this many inputs on, ``XᵀX`` of one regression is accumulated by row blocks of this size, lower triangle
-#: only (about 35% fewer float64 operations on resnet50's widest layers); ``augmented`` restores the rest
-_BLOCK = 512
+#: with more inputs than this, ``XᵀX`` of one regression is accumulated by row blocks, lower triangle only (about
+#: 35% less time on resnet50's widest layers); ``augmented`` restores the rest
+_BLOCKED_FROM = 512
+
+
+def _block(n: int) -> int:
+    return 512 if n > 2048 else 256
 
 
 def _symmetric(a: torch.Tensor) -> torch.Tensor:
@@ -48,9 +52,9 @@ class Gram:
             yc = y[:, lo:lo + step].to(torch.float64)
             if xc.shape[0] == 1:  # one regression: plain GEMMs, faster than a batch of one
                 x0, n = xc[0], xc.shape[2]
-                if n > 2 * _BLOCK:
-                    for i0 in range(0, n, _BLOCK):
-                        i1 = min(n, i0 + _BLOCK)
+                if n > _BLOCKED_FROM:
+                    for i0 in range(0, n, _block(n)):
+                        i1 = min(n, i0 + _block(n))
                         self.xx[0, i0:i1, :i1].addmm_(x0[:, i0:i1].T, x0[:, :i1])
                 else:
                     self.xx[0].addmm_(x0.T, x0)
@@ -60,7 +64,7 @@ class Gram:
                 self.xy.baddbmm_(xc.transpose(1, 2), yc)
             self.xsum += xc.sum(1)
             self.ysum += yc.sum(1)
-            self.yy += yc.pow(2).sum((1, 2))
+            self.yy += torch.linalg.vector_norm(yc, dim=(1, 2)).square()
         self.rows += r
 
     def reduce(self) -> None:
