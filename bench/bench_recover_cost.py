@@ -15,6 +15,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import ctypes
+import gc
 import logging
 import sys
 import threading
@@ -73,6 +75,13 @@ class PassLog(logging.Handler):
             self.passes.append((str(desc), float(seconds)))
 
 
+def release_freed_memory() -> None:
+    """Return freed heap memory to the system (glibc keeps it mapped otherwise), so RSS drops to what is live."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
 def plain_pass(model: torch.nn.Module, data: list[torch.Tensor]) -> float:
     start = time.perf_counter()
     with torch.no_grad():
@@ -105,6 +114,7 @@ def main() -> None:
     for name, methods, options in [s for s in SETTINGS if only in s[0]]:
         work = copy.deepcopy(pruned)
         passes.passes.clear()
+        release_freed_memory()  # so that the peak counts this setting only, not what the last one left mapped
         before = plain_pass(dense, data)  # the reference pass right before and after: robust to a drifting load
         with peak_rss() as mem:
             start = time.perf_counter()
