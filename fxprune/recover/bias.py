@@ -107,7 +107,9 @@ class BiasCompensation:
                 sums.add_(xr.sum(0, dtype=torch.float64))
                 counts.add_(xr.shape[0])
                 return
-            xp = pad_for_conv(m, x.index_select(1, removed.to(x.device))).sum(0, dtype=torch.float64)  # [R, *sp]
+            # the batch sum first (padding is the same linear map on every sample, so it commutes with the sum)
+            xs = x.sum(0).index_select(0, removed.to(x.device)).to(torch.float64)
+            xp = pad_for_conv(m, xs[None])[0]  # [R, *padded spatial]
             out = [(xp.shape[1 + i] - m.dilation[i] * (m.kernel_size[i] - 1) - 1) // m.stride[i] + 1
                    for i in range(xp.dim() - 1)]
             for tap in itertools.product(*(range(k) for k in m.kernel_size)):  # the window each tap reads
