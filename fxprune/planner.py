@@ -234,7 +234,7 @@ class Planner:
             else:
                 lo = mid
         below, above = self.removed_units(lo), self.removed_units(hi)
-        if self.budget.round_to > 1:
+        if self.budget.round_to > 1 or any(o.step > 1 for o in self.orders):
             return above
         # Many groups cross a step at the same fraction: add the units between ``lo`` and ``hi`` one by one,
         # lowest normalized score first (each group still loses a prefix of its order), to land on the target.
@@ -347,7 +347,8 @@ class Planner:
         if total > goal * (1 + 1e-9):
             raise BudgetError(f"latency target {target:.3f} cannot be met: the lookup table predicts at most "
                               f"{1 - total / table.base_ms:.3f} of the model's latency can be removed "
-                              f"(max_sparsity={self.budget.max_sparsity}, frozen groups and ignored modules excluded)")
+                              f"(max_sparsity={self.budget.max_sparsity}, frozen groups and ignored modules excluded; "
+                              f"{table.residual_ms:.3f} of its {table.base_ms:.3f} ms are outside the timed layers)")
         parts = [o.order[:k] for o, k in zip(self.orders, taken)]
         return np.concatenate(parts) if parts else np.zeros(0, np.int64)
 

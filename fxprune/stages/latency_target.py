@@ -86,19 +86,20 @@ def corrected(gm: fx.GraphModule, planner: Planner, removed: np.ndarray, rel: fl
                  wanted, predicted, measured, pruned_ms, dense_ms)
         if abs(measured - wanted) <= TOLERANCE * wanted or corrections >= MAX_CORRECTIONS:
             break
-        internal = 1.0 - min(0.999, max(0.0, predicted * wanted / measured))
+        retarget = 1.0 - min(0.999, max(0.0, predicted * wanted / measured))
         try:
-            candidate = planner.solve("latency", internal)
+            candidate = planner.solve("latency", retarget)
         except BudgetError as exc:
             log.warning("latency correction stopped: %s", exc)
             break
         corrections += 1
         if np.array_equal(np.sort(candidate), np.sort(removed)):
             break
-        removed = candidate
+        removed, internal = candidate, retarget
     stats = {"latency_base_ms": dense_ms, "latency_measured_ms": pruned_ms, "latency_measured_ratio": measured,
              "latency_predicted_ratio": predicted, "latency_predicted_ms": predicted * dense_ms,
-             "latency_requested_ratio": wanted, "latency_corrections": corrections,
+             "latency_requested_ratio": wanted, "latency_planned_ratio": 1.0 - internal,
+             "latency_corrections": corrections,
              "latency_table_s": table.build_s}
     return removed, stats
 
