@@ -59,8 +59,9 @@ class Report:
             t0, t1 = self.latency_ms
             lines.append(f"latency {t0:.3f} ms -> {t1:.3f} ms ({t1 / t0 if t0 else 1.0:.3f}x, measured)")
             if self.predicted_ms is not None:
-                lines.append(f"latency predicted {self.predicted_ms:.3f} ms ({self.predicted_ms / t0 if t0 else 1.0:.3f}x"
-                             f", latency target's lookup table)")
+                ratio = self.predicted_ms / t0 if t0 else 1.0
+                lines.append(f"latency predicted {self.predicted_ms:.3f} ms ({ratio:.3f}x, latency target's lookup "
+                             f"table)")
         lines += ["",
                  f"{'layer':40s} {'type':18s} {'in':>11s} {'out':>11s}"]
         for name, kind, (i0, o0), (i1, o1) in self.layers:
