@@ -287,7 +287,7 @@ class Planner:
         cur: dict[Space, int] = {}
         ctx = SizeContext(cur, a.param_sizes)
         ms = np.array([table.entry_ms(i, ctx) for i in range(len(table.entries))])
-        total = table.residual_ms + float(ms.sum())
+        total = table.residual_ms + table.scale * float(ms.sum())
         taken = [0] * len(self.orders)
         entries_of = [sorted({e for sp in np.unique(self.counts[o.order].indices)
                               for e in table.by_space.get(int(sp), ())}) for o in self.orders]
@@ -339,7 +339,7 @@ class Planner:
             touched = set()
             for e in entries_of[i]:
                 new = table.entry_ms(e, ctx)
-                total += new - ms[e]
+                total += table.scale * (new - ms[e])
                 ms[e] = new
                 touched |= groups_of_entry.get(e, set())
             for j in touched | {i}:

@@ -143,6 +143,7 @@ class LatencyTable:
             for sp in e.deps:
                 self.by_space.setdefault(sp, []).append(i)
         self.residual_ms = 0.0
+        self.scale = 1.0
         self.layers_ms = sum(e.full_ms for e in self.entries)
         self.build_s = time.perf_counter() - start
         log.info("latency table: %d layers (%d timed, %d distinct shapes), %.3f ms, built in %.1f s",
@@ -198,17 +199,20 @@ class LatencyTable:
         return sum(self.entry_ms(i, s) for i in range(len(self.entries)))
 
     def predict(self, new_sizes: dict[Space, int]) -> float:
-        """Predicted end-to-end milliseconds at ``new_sizes`` (the table's layers plus ``residual_ms``)."""
-        return self.residual_ms + self.layers_at(new_sizes)
+        """Predicted end-to-end milliseconds at ``new_sizes``: ``residual_ms + scale * layers``."""
+        return self.residual_ms + self.scale * self.layers_at(new_sizes)
 
     @property
     def base_ms(self) -> float:
         """Predicted milliseconds of the unpruned graph."""
-        return self.residual_ms + self.layers_ms
+        return self.residual_ms + self.scale * self.layers_ms
 
-    def calibrate(self, measured_ms: float) -> None:
-        """Set ``residual_ms`` so that the unpruned prediction equals an end-to-end measurement (at least 0)."""
-        self.residual_ms = max(0.0, measured_ms - self.layers_ms)
+    def calibrate(self, measured_ms: float, max_residual: float = 0.25) -> None:
+        """Make the unpruned prediction equal an end-to-end measurement: what the table's layers leave out becomes
+        the constant ``residual_ms``, up to ``max_residual`` of the measurement; beyond that (a machine busier than
+        while the table was timed) the layers are scaled (``scale``)."""
+        self.residual_ms = min(max(0.0, measured_ms - self.layers_ms), max_residual * measured_ms)
+        self.scale = (measured_ms - self.residual_ms) / self.layers_ms if self.layers_ms else 1.0
 
     # -- round_to "auto" ----------------------------------------------------------------------------------------------
     def step(self, spaces: Iterable[Space], limit: int) -> int:
