@@ -7,7 +7,7 @@
   table (``LatencyTable.step``); the stage records the choice in ``Plan.round_to``.
 - ``corrected`` checks a latency plan end to end: the pruned graph and the unpruned one are timed interleaved, and
   while the measured ratio misses the requested one by more than ``TOLERANCE`` the planner is re-run against a
-  target scaled by measured / predicted (at most ``MAX_CORRECTIONS`` times).
+  target scaled by measured / predicted (at most ``MAX_CORRECTIONS`` times, within ``MAX_SHIFT`` of the request).
 """
 from __future__ import annotations
 
@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 
 TOLERANCE = 0.03
 MAX_CORRECTIONS = 3
+MAX_SHIFT = 0.1  # a correction moves the planned fraction by at most this much from the requested one
 
 
 def latency_table(a: Analysis, budget: Budget, inputs: tuple, calibrate: bool = True) -> LatencyTable:
@@ -87,6 +88,7 @@ def corrected(gm: fx.GraphModule, planner: Planner, removed: np.ndarray, rel: fl
         if abs(measured - wanted) <= TOLERANCE * wanted or corrections >= MAX_CORRECTIONS:
             break
         retarget = 1.0 - min(0.999, max(0.0, predicted * wanted / measured))
+        retarget = min(max(retarget, rel - MAX_SHIFT), rel + MAX_SHIFT)  # a noisy timing must not run away
         try:
             candidate = planner.solve("latency", retarget)
         except BudgetError as exc:
