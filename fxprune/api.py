@@ -19,6 +19,7 @@ from .errors import FxPruneError, ModuleModeError
 from .inputs import as_input_tuple, input_specs
 from .ir.spec import spec_of
 from .passes.graph_diff import snapshot
+from .passes.hf_config import hf_layout
 from .passes.write_back import MODULE_OPTIONS, TRACED, to_module
 from .plan import Plan
 from .recipe import Recipe
@@ -180,10 +181,11 @@ def _compile_module(model: nn.Module, recipe: Recipe, inputs: tuple, bind: Any, 
     private = evaluate is not None or finetune is not None or any(s.writes_weights() for s in recipe.stages)
     work = copy.deepcopy(model) if private else shared_copy(model)
     modes = {name: m.training for name, m in work.named_modules()}
+    layout = hf_layout(work)
     gm = prune_graph(work.eval(), recipe, inputs, data=data, evaluate=evaluate, finetune=finetune, bind=bind,
                      output="module")
     plan = cast(Plan, gm.fxprune_plan)
-    to_module(gm, work, plan, inputs, bind, recipe.leaf_modules)
+    to_module(gm, work, plan, inputs, bind, recipe.leaf_modules, layout)
     unshare(work, model)
     for name, m in work.named_modules():
         m.training = modes.get(name, model.training)

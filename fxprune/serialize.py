@@ -37,6 +37,7 @@ from .errors import FxPruneError, PlanError
 from .inputs import as_input_tuple, input_specs
 from .ir.spec import TensorSpec, spec_of
 from .passes.graph_diff import snapshot
+from .passes.hf_config import hf_layout
 from .passes.replay import apply_plan
 from .passes.write_back import TRACED, to_module
 from .plan import Plan
@@ -217,11 +218,12 @@ def _load_weights(gm: nn.Module, tensors: dict[str, torch.Tensor], path: Path, a
 
 def _replay_module(model: nn.Module, plan: Plan, leaf_modules: Sequence[str], bind: Any, inputs: tuple) -> nn.Module:
     """Module mode replayed: ``plan`` applied to a trace of ``model``, then written back into ``model`` itself."""
+    layout = hf_layout(model)
     gm = trace(model.eval(), leaf_modules, example_inputs=bind, stack_traces=True)
     record_shapes(gm, inputs)
     gm.meta[TRACED] = snapshot(gm)
     apply_plan(gm, plan, inputs)
-    return to_module(gm, model, plan, inputs, bind, leaf_modules)
+    return to_module(gm, model, plan, inputs, bind, leaf_modules, layout)
 
 
 def load(path: str | Path, model_or_constructor: nn.Module | Callable[[], nn.Module],

@@ -32,7 +32,7 @@ from ..outputs import tensors_of
 from ..plan import Plan
 from ..trace import record_shapes, trace
 from .graph_diff import Traced, explain, refusal, source_of
-from .hf_config import update_hf_config
+from .hf_config import HfLayout, update_hf_config
 
 log = logging.getLogger(__name__)
 
@@ -208,12 +208,13 @@ class WriteBack(PassBase):
 
 
 def to_module(gm: fx.GraphModule, target: nn.Module, plan: Plan, inputs: tuple, bind: Any,
-              leaf_modules: Sequence[str] = ()) -> nn.Module:
+              leaf_modules: Sequence[str] = (), layout: HfLayout | None = None) -> nn.Module:
     """Write the pruned ``gm`` (traced from ``target`` with ``output="module"``, or a module-mode replay) back into
-    ``target`` (``WriteBack``) and update a Hugging Face ``config`` (``hf_config``); returns ``target``."""
+    ``target`` (``WriteBack``) and update a Hugging Face ``config`` (``layout``: ``hf_layout`` of ``target`` before
+    pruning); returns ``target``."""
     WriteBack(target, plan, inputs, call_target=lambda m, xs: call_with(m, bind, xs),
               retrace=lambda m: trace(m, leaf_modules, example_inputs=bind, stack_traces=True))(gm)
-    update_hf_config(target)
+    update_hf_config(target, layout)
     return target
 
 
