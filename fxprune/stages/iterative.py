@@ -161,7 +161,7 @@ def run_iterative_stage(gm: fx.GraphModule, stage: IterativeStage, ctx: ScoreCon
     plan, base, alpha, met = Plan(), None, float(stage.alpha), False
     dense_gm = copy.deepcopy(gm) if stage.metric == "latency" else None
     for step in range(1, stage.steps + 1):
-        a = analyze(gm, stage.ignore)
+        a = analyze(gm, stage.ignore, ctx.analysis_options)
         table = None
         if stage.metric == "latency" or (stage.round_to == "auto" and step == 1):
             table = latency_table(a, budget, inputs, calibrate=stage.metric == "latency")
@@ -186,6 +186,7 @@ def run_iterative_stage(gm: fx.GraphModule, stage: IterativeStage, ctx: ScoreCon
         if stage.round_to == "auto":
             step_plan.round_to = {group_key(a, o.group): int(budget.group_round_to.get(group_key(a, o.group), 1))
                                   for o in planner.orders}
+        step_plan.options = dict(ctx.analysis_options)
         dense = stage_begin(gm, stage, ctx)  # the step's dense reference when the stage has ``recover``
         ShrinkChannels(step_plan, inputs, a)(gm)
         stage_finish(dense, gm, step_plan, stage, ctx)
