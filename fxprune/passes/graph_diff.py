@@ -18,6 +18,7 @@ accepted is verified afterwards by running the module (``WriteBack.ensures``), s
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import re
@@ -68,6 +69,7 @@ class Traced:
     nodes: dict[str, tuple]
     tensors: dict[str, weakref.ref]
     modules: dict[str, weakref.ref]
+    shapes: dict[str, tuple] = dataclasses.field(default_factory=dict)  # recorded tensor shapes, when known
 
     def same_tensor(self, name: str, value: Any) -> bool:
         ref = self.tensors.get(name)
@@ -83,7 +85,9 @@ def snapshot(gm: fx.GraphModule) -> Traced:
     tensors = {k: weakref.ref(v) for k, v in [*gm.named_parameters(remove_duplicate=False),
                                               *gm.named_buffers(remove_duplicate=False)]}
     modules = {k: weakref.ref(m) for k, m in gm.named_modules(remove_duplicate=False)}
-    return Traced({n.name: form(n) for n in gm.graph.nodes}, tensors, modules)
+    shapes = {n.name: tuple(spec.shape) for n in gm.graph.nodes
+              if (spec := spec_of(n)) is not None and hasattr(spec, "shape")}
+    return Traced({n.name: form(n) for n in gm.graph.nodes}, tensors, modules, shapes)
 
 
 def source_of(node: fx.Node) -> str:
@@ -101,6 +105,29 @@ def refusal(node: fx.Node | None, what: str) -> ModuleModeError:
     where = f"{node.format_node()} (at {source_of(node)}): " if node is not None else ""
     return ModuleModeError(f"output='module' cannot apply this plan to the model's own forward: {where}{what}. "
                            f"output='graph' (the default) works: it rewrites the graph itself")
+
+
+def _sources(cls: type) -> list[str]:
+    out = []
+    for klass in cls.__mro__:
+        if klass in (nn.Module, object):
+            break
+        try:
+            out.append(inspect.getsource(klass))
+        except (OSError, TypeError):  # built without source (C extension, interactive session)
+            continue
+    return out
+
+
+@functools.cache
+def _split_reads(cls: type) -> frozenset[str]:
+    """Attribute names ``self.<name>`` the source of ``cls`` passes to a ``split(...)`` call on one line (e.g.
+    Ultralytics C2f's ``split((self.c, self.c), 1)``, an alternative forward that export switches to)."""
+    names: set[str] = set()
+    for src in _sources(cls):
+        for line in re.findall(r"split\((.*)", src):
+            names |= set(re.findall(r"\bself\.([A-Za-z_]\w*)\b(?!\()", line))
+    return frozenset(names)
 
 
 @functools.cache
@@ -163,8 +190,9 @@ def _name(target: Any) -> str:
 
 
 class _Explainer:
-    def __init__(self, gm: fx.GraphModule, target: nn.Module) -> None:
+    def __init__(self, gm: fx.GraphModule, target: nn.Module, shapes: Mapping[str, tuple] | None = None) -> None:
         self.nodes = {n.name: n for n in gm.graph.nodes}
+        self.shapes = shapes or {}
         self.target = target
         self.updates: dict[tuple[str, str], int] = {}
 
@@ -235,6 +263,8 @@ class _Explainer:
         cut = torch.empty(total)
         if kind == "chunk":
             got = [len(t) for t in cut.chunk(second)]
+            if got == list(sizes):
+                self.piece(node, old, sizes)
         elif kind == "tensor_split":
             got = [len(t) for t in cut.tensor_split(second)]
         else:  # split(k): items of k' = sizes[0] each, from the attribute k is read from
@@ -244,6 +274,33 @@ class _Explainer:
         if got != list(sizes):
             raise refusal(node, f"{kind}({second}) of the {total} kept channels cuts {got}, the plan needs {sizes} "
                                 "(the items lose different channels)")
+
+
+    def piece(self, node: fx.Node, old: tuple, sizes: Any) -> None:
+        """A ``chunk`` that stays even: attributes equal to the dense piece width that the class passes to a
+        ``split`` elsewhere (an alternative forward) follow the kept width, so that forward agrees too."""
+        src = old[2][0] if old[2] and isinstance(old[2][0], Ref) else None
+        dense = self.shapes.get(src.name) if src is not None else None
+        dim = old[2][2] if len(old[2]) > 2 else old[3].get("dim", 0)
+        if dense is None or len(set(sizes)) != 1 or type(dim) is not int or not -len(dense) <= dim < len(dense):
+            return
+        before = dense[dim]
+        if before % len(sizes):
+            return
+        width, kept = before // len(sizes), sizes[0]
+        if width == kept:
+            return
+        for path in _owners(node):
+            try:
+                module = self.target.get_submodule(path)
+            except AttributeError:
+                continue
+            names = [k for k, v in vars(module).items() if type(v) is int and v == width
+                     and k in _split_reads(type(module))]
+            for k in names:
+                self.updates.setdefault((path, k), kept)
+            if names:
+                return
 
 
 def explain(gm: fx.GraphModule, traced: Traced, target: nn.Module, claimed: Iterable[str] = (),
@@ -256,7 +313,7 @@ def explain(gm: fx.GraphModule, traced: Traced, target: nn.Module, claimed: Iter
         ModuleModeError: a change the forward cannot pick up, naming the node and its source line.
     """
     claimed = set(claimed)
-    ex = _Explainer(gm, target)
+    ex = _Explainer(gm, target, traced.shapes)
     now = {n.name for n in gm.graph.nodes}
     gone = [name for name in traced.nodes if name not in now]
     if gone:

@@ -3,7 +3,8 @@
 A module-mode result keeps its ``config`` object (``save_pretrained`` writes it). Fields that still describe the
 pruned model are updated: ``num_attention_heads`` when every attention module keeps the same number of heads,
 ``intermediate_size`` when every MLP keeps the same width, ``hidden_size`` when every LayerNorm of that width keeps
-the same width. A field whose layers ended up with different widths cannot describe them and is left unchanged
+the same width, and ``head_dim`` when the kept head width is uniform but no longer ``hidden_size //
+num_attention_heads``. A field whose layers ended up with different widths cannot describe them and is left unchanged
 (with a log line): ``from_pretrained`` cannot rebuild such a model, ``fxprune.load`` can.
 
 ``hf_layout`` records, before pruning, which modules carry those sizes (by path); ``update_hf_config`` reads their
@@ -95,9 +96,25 @@ def update_hf_config(model: nn.Module, layout: HfLayout | None) -> list[str]:
             m.all_head_size = n * getattr(m, _int_attr(m, _HEAD_DIM))
     mlp = {getattr(model.get_submodule(p), "out_features", None) for p in layout.mlp} - {None}
     norms = {tuple(getattr(model.get_submodule(p), "normalized_shape", (None,)))[0] for p in layout.norms} - {None}
+    dims = {getattr(m, _int_attr(m, _HEAD_DIM) or "", None) for m in map(model.get_submodule, layout.attention)}
     left = [_set(config, "num_attention_heads", heads, "heads per layer"),
             _set(config, "intermediate_size", mlp, "MLP widths"), _set(config, "hidden_size", norms, "widths")]
+    _set_head_dim(config, dims - {None})
     return [name for name in left if name]
+
+
+def _set_head_dim(config: object, dims: set) -> None:
+    """``config.head_dim`` when the kept head width is uniform and ``hidden_size // num_attention_heads`` (what
+    models without the field derive) no longer gives it: a rebuilt model then gets the pruned q/k/v widths."""
+    if len(dims) != 1:
+        return
+    dim = dims.pop()
+    heads, hidden = getattr(config, "num_attention_heads", None), getattr(config, "hidden_size", None)
+    implied = getattr(config, "head_dim", None) or (hidden // heads if type(heads) is int and heads and
+                                                   type(hidden) is int else None)
+    if implied != dim:
+        log.info("module mode: config.head_dim = %d (was %s)", dim, implied)
+        setattr(config, "head_dim", dim)
 
 
 __all__ = ["HfLayout", "hf_layout", "update_hf_config"]

@@ -80,6 +80,25 @@ def test_chunk_halves_stay_even() -> None:
     assert_module_matches(model, result, X, torch.randn(1, 3, 20, 20))
 
 
+class SplitChunkNet(ChunkNet):
+    """C2f's second forward: ``split((self.c, self.c), 1)``, which Ultralytics' exporter switches to."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c = 8
+
+    def forward_split(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = self.cv1(x).split((self.c, self.c), 1)
+        return self.cv2(torch.cat([a, b, b + self.m(b).relu()], 1))
+
+
+def test_chunk_width_attribute_follows_for_an_alternative_split_forward() -> None:
+    model = SplitChunkNet().eval()
+    result = fxprune.compile(model, channel_recipe(0.5), example_inputs=X, output="module")
+    assert result.cv1.out_channels < 16 and result.c == result.cv1.out_channels // 2 and model.c == 8
+    torch.testing.assert_close(result.forward_split(X), result(X), rtol=0, atol=0)
+
+
 def test_blocksparse_swap_lands_on_the_users_tree() -> None:
     from fxprune.nn.blocksparse_linear import BlockSparseLinear
 
