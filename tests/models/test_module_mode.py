@@ -1,6 +1,6 @@
 """``output="module"`` on the issue's models: the result is the model's own class, equals graph mode replaying the
 same plan on the example inputs, and equals the masked oracle re-traced at a second input size (ViTs: batch 3, as
-the position embedding fixes the image size). Small inputs; torchvision's vit_b_16 widths at 2 layers."""
+the position embedding fixes the image size). Small inputs for the CNNs; the real vit_b_16 at 224."""
 from __future__ import annotations
 
 import pytest
@@ -18,9 +18,8 @@ HEADS_THEN_CHANNELS = {"stages": [{"kind": "heads", "target": {"sparsity": 0.5}}
                                   {"kind": "channels", "target": {"flops": 0.5}}]}
 
 
-def _vit_b_16_two_layers() -> nn.Module:
-    m = torchvision.models.VisionTransformer(image_size=32, patch_size=16, num_layers=2, num_heads=12, hidden_dim=768,
-                                             mlp_dim=3072, num_classes=10)
+def _vit_b_16() -> nn.Module:
+    m = torchvision.models.vit_b_16()
     nn.init.normal_(m.heads.head.weight, std=0.05)  # torchvision zero-initializes the head
     return m
 
@@ -28,7 +27,7 @@ def _vit_b_16_two_layers() -> nn.Module:
 CASES = {  # name: (constructor, example input, second input, recipe)
     "resnet50": (torchvision.models.resnet50, (1, 3, 64, 64), (2, 3, 96, 96), CHANNELS),
     "mobilenet_v3_large": (torchvision.models.mobilenet_v3_large, (1, 3, 64, 64), (1, 3, 96, 96), CHANNELS),
-    "vit_b_16": (_vit_b_16_two_layers, (1, 3, 32, 32), (3, 3, 32, 32), HEADS_THEN_CHANNELS),
+    "vit_b_16": (_vit_b_16, (1, 3, 224, 224), (3, 3, 224, 224), HEADS_THEN_CHANNELS),
     "deit_tiny": (lambda: timm.create_model("deit_tiny_patch16_224", img_size=32, depth=2, num_classes=10),
                   (1, 3, 32, 32), (3, 3, 32, 32), HEADS_THEN_CHANNELS),
     "convnext_atto": (lambda: timm.create_model("convnext_atto", num_classes=10), (1, 3, 64, 64), (1, 3, 96, 96),
