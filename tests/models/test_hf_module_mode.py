@@ -1,0 +1,66 @@
+"""Hugging Face ``ViTForImageClassification`` (2 layers, hidden 64, 4 heads, 32 px, patch 8, random weights) pruned
+in module mode with a heads stage then a channels stage: the result is still the transformers class, so
+``model(pixel_values=x, labels=y).loss`` trains it (gradients reach the shrunk weights), ``save_pretrained`` writes
+it and ``fxprune.load`` reads it back."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+from transformers import ViTConfig, ViTForImageClassification
+
+import fxprune
+
+RECIPE = {"stages": [{"kind": "heads", "target": {"sparsity": 0.5}}, {"kind": "channels", "target": {"flops": 0.5}}]}
+CONFIG = dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, intermediate_size=128, image_size=32,
+              patch_size=8, num_labels=3)
+
+
+def dense() -> ViTForImageClassification:
+    torch.manual_seed(0)
+    return ViTForImageClassification(ViTConfig(**CONFIG)).eval()
+
+
+@pytest.fixture(scope="module")
+def pruned() -> tuple[ViTForImageClassification, ViTForImageClassification, torch.Tensor]:
+    model = dense()
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    return model, fxprune.compile(model, RECIPE, example_inputs={"pixel_values": x}, output="module"), x
+
+
+def test_result_is_the_transformers_class_with_fewer_heads_and_channels(pruned: tuple) -> None:
+    model, result, x = pruned
+    assert type(result) is ViTForImageClassification
+    heads = []
+    for layer in result.vit.layers:  # the attributes ViTAttention.forward reads follow the kept heads
+        attention = layer.attention
+        heads.append(attention.num_attention_heads)
+        for proj in (attention.q_proj, attention.k_proj, attention.v_proj):
+            assert proj.out_features == attention.num_attention_heads * attention.head_dim
+        assert attention.o_proj.in_features == attention.num_attention_heads * attention.head_dim
+    assert sum(heads) == 4, heads  # heads at sparsity 0.5: 4 of the 8
+    assert sum(p.numel() for p in result.parameters()) < 0.75 * sum(p.numel() for p in model.parameters())
+    graph = fxprune.compile(model, RECIPE, example_inputs={"pixel_values": x})
+    with torch.no_grad():
+        torch.testing.assert_close(result(pixel_values=x).logits, graph(x).logits, rtol=1e-4, atol=1e-5)
+
+
+def test_labels_give_a_loss_whose_gradients_reach_the_shrunk_weights(pruned: tuple) -> None:
+    model, result, x = pruned
+    result = result.train()
+    y = torch.tensor([0, 2])
+    out = result(pixel_values=x, labels=y)
+    assert out.loss.ndim == 0 and torch.isfinite(out.loss)
+    torch.testing.assert_close(out.loss, torch.nn.functional.cross_entropy(out.logits, y))
+    out.loss.backward()
+    dense_shapes = {k: v.shape for k, v in model.named_parameters()}
+    shrunk = 0
+    for name, p in result.named_parameters():
+        assert p.grad is not None and p.grad.shape == p.shape and torch.isfinite(p.grad).all(), name
+        shrunk += p.shape != dense_shapes[name]
+    assert shrunk > 0
+    query = result.vit.layers[0].attention.q_proj.weight
+    assert query.grad.abs().sum() > 0
+    result.zero_grad()
+    result.eval()
