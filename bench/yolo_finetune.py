@@ -6,7 +6,7 @@ epochs; ``--help`` for the options). The workflow is the one of ``tests/models/t
 1. ``YOLO("yolov8n.yaml")`` (random weights) trains for ``--epochs`` epochs: the dense baseline.
 2. The trained model is pruned in module mode at ``flops: 0.5`` at 320 px (``fxprune.compile(..., output="module")``),
    put back on a ``YOLO`` object and validated as it is (no fine-tuning).
-3. It is fine-tuned for ``--finetune-epochs`` epochs with Ultralytics' trainer (``trainer=trainer_for(model)``).
+3. It is fine-tuned for ``--finetune-epochs`` epochs with Ultralytics' trainer (``trainer=example.trainer_for(model)``).
 
 Both trainings go through :func:`fxprune.examples.yolo.trainer_for`, so both keep the yaml's 80-class head.
 Latency: the Conv+BN-fused dense and pruned models at ``--latency-size`` px, batch 1, timed alternately
@@ -24,10 +24,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from fxprune.examples.yolo import OFFLINE_TRAIN_ARGS, install_font, offline_environment, trainer_for, \
-    write_shapes_dataset
+from fxprune.examples import yolo as example
 
-offline_environment()  # before Ultralytics is imported
+example.offline_environment()  # before Ultralytics is imported
 
 import torch  # noqa: E402
 from ultralytics import YOLO  # noqa: E402
@@ -46,8 +45,8 @@ def train(model: torch.nn.Module, data: Path, work: Path, name: str, epochs: int
     """``model`` trained by Ultralytics' trainer for ``epochs`` epochs; returns the ``YOLO`` object holding it."""
     yolo = YOLO("yolov8n.yaml")
     yolo.model = model
-    yolo.train(trainer=trainer_for(model), data=str(data), epochs=epochs, imgsz=args.imgsz, batch=args.batch,
-               project=str(work), name=name, seed=0, **OFFLINE_TRAIN_ARGS)
+    yolo.train(trainer=example.trainer_for(model), data=str(data), epochs=epochs, imgsz=args.imgsz, batch=args.batch,
+               project=str(work), name=name, seed=0, **example.OFFLINE_TRAIN_ARGS)
     return yolo
 
 
@@ -75,9 +74,9 @@ def main() -> None:
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(args.threads)
-    install_font()
+    example.install_font()
     work = Path(tempfile.mkdtemp(prefix="fxprune-yolo-bench-"))
-    data = write_shapes_dataset(work / "shapes", train=args.train, val=args.val, size=args.imgsz)
+    data = example.write_shapes_dataset(work / "shapes", train=args.train, val=args.val, size=args.imgsz)
     torch.manual_seed(0)
 
     t = time.perf_counter()
