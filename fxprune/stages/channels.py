@@ -126,6 +126,7 @@ def prune_channels(gm: fx.GraphModule, stage: ChannelPruningStage, ctx: ScoreCon
         groups: which groups of an analysis may lose units (e.g. the attention-head groups); default all.
     """
     ctx = dataclasses.replace(ctx, seed=stage.seed)
+    options = {**ctx.analysis_options, **options}
     inputs = ctx.example_inputs
     criterion = get_criterion(stage.criterion)
     dense = stage_begin(gm, stage, ctx)  # a copy before pruning when the stage has ``recover``

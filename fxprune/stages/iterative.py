@@ -156,7 +156,7 @@ def run_iterative_stage(gm: fx.GraphModule, stage: IterativeStage, ctx: ScoreCon
     budget = stage.budget()
     plan, base, alpha, met = Plan(), None, float(stage.alpha), False
     for step in range(1, stage.steps + 1):
-        a = analyze(gm, stage.ignore)
+        a = analyze(gm, stage.ignore, ctx.analysis_options)
         planner = Planner(a, criterion.score(a, ctx), budget)
         now = planner.counter.base_macs if stage.metric == "macs" else planner.counter.total_params
         base = base if base is not None else now
@@ -172,6 +172,7 @@ def run_iterative_stage(gm: fx.GraphModule, stage: IterativeStage, ctx: ScoreCon
         step_plan = planner.plan(removed)
         counts = planner.counter.count(planner.new_sizes(removed))
         step_plan.stats = {**counts, "step": step}
+        step_plan.options = dict(ctx.analysis_options)
         dense = stage_begin(gm, stage, ctx)  # the step's dense reference when the stage has ``recover``
         ShrinkChannels(step_plan, inputs, a)(gm)
         stage_finish(dense, gm, step_plan, stage, ctx)
