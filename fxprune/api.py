@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
 
@@ -16,11 +16,11 @@ from .capture.leaves import capture_lines
 from .copies import shared_copy, unshare
 from .criteria import ScoreContext
 from .errors import FxPruneError, ModuleModeError
-from .inputs import as_input_tuple
+from .inputs import as_input_tuple, input_specs
 from .ir.spec import spec_of
 from .passes.graph_diff import snapshot
-from .passes.hf_config import update_hf_config
-from .passes.write_back import MODULE_OPTIONS, TRACED, WriteBack
+from .passes.hf_config import hf_layout
+from .passes.write_back import MODULE_OPTIONS, TRACED, to_module
 from .plan import Plan
 from .recipe import Recipe
 from .submodule import SubmoduleScope
@@ -181,10 +181,11 @@ def _compile_module(model: nn.Module, recipe: Recipe, inputs: tuple, bind: Any, 
     private = evaluate is not None or finetune is not None or any(s.writes_weights() for s in recipe.stages)
     work = copy.deepcopy(model) if private else shared_copy(model)
     modes = {name: m.training for name, m in work.named_modules()}
+    layout = hf_layout(work)
     gm = prune_graph(work.eval(), recipe, inputs, data=data, evaluate=evaluate, finetune=finetune, bind=bind,
                      output="module")
     plan = cast(Plan, gm.fxprune_plan)
-    to_module(gm, work, plan, inputs, bind, recipe.leaf_modules)
+    to_module(gm, work, plan, inputs, bind, recipe.leaf_modules, layout)
     unshare(work, model)
     for name, m in work.named_modules():
         m.training = modes.get(name, model.training)
@@ -196,34 +197,6 @@ def _compile_module(model: nn.Module, recipe: Recipe, inputs: tuple, bind: Any, 
         attach_result(compiled, plan, recipe)
         return compiled
     return work
-
-
-def to_module(gm: fx.GraphModule, target: nn.Module, plan: Plan, inputs: tuple, bind: Any,
-              leaf_modules: Sequence[str] = ()) -> nn.Module:
-    """Write the pruned ``gm`` (from ``prune_graph(..., output="module")`` or a module-mode replay) back into
-    ``target``, the copy it was traced from (``WriteBack``), and update a Hugging Face ``config``; returns it."""
-    WriteBack(target, plan, inputs, call_target=lambda m, xs: call_with(m, bind, xs),
-              retrace=lambda m: trace(m, leaf_modules, example_inputs=bind, stack_traces=True))(gm)
-    update_hf_config(target)
-    return target
-
-
-def call_with(model: nn.Module, bind: Any, inputs: tuple) -> Any:
-    """``model`` called as the user calls it: by keyword for dict inputs (``bind``), else positionally."""
-    if isinstance(bind, dict):
-        return model(**dict(zip(bind, inputs)))
-    return model(*inputs)
-
-
-def input_specs(bind: Any) -> list[dict]:
-    """Shapes and dtypes (and names, for keyword inputs) of the example inputs, as ``fxprune.save`` stores them."""
-    names = list(bind) if isinstance(bind, dict) else None
-    specs = [{"shape": list(t.shape), "dtype": str(t.dtype)} for t in as_input_tuple(bind)
-             if isinstance(t, torch.Tensor)]
-    if names is not None and len(names) == len(specs):
-        for spec, name in zip(specs, names):
-            spec["name"] = name
-    return specs
 
 
 def attach_result(module: nn.Module, plan: Plan, recipe: Recipe) -> None:
@@ -239,5 +212,4 @@ def output_spec(gm: fx.GraphModule) -> Any:
     return [spec_of(a) for a in out.all_input_nodes]
 
 
-__all__ = ["compile", "prune_graph", "to_module", "call_with", "input_specs", "OUTPUTS", "attach_result",
-           "as_input_tuple", "unwrap_model"]
+__all__ = ["compile", "prune_graph", "OUTPUTS", "attach_result", "as_input_tuple", "unwrap_model"]

@@ -89,7 +89,8 @@ def snapshot(gm: fx.GraphModule) -> Traced:
 def source_of(node: fx.Node) -> str:
     """``file:line: code`` of the innermost user frame that made ``node`` (``"unknown source line"`` without one)."""
     trace = node.stack_trace or ""
-    found = re.findall(r'File "([^"]+)", line (\d+), in \S+\n\s*(.*)', trace)
+    found = [f for f in re.findall(r'File "([^"]+)", line (\d+), in \S+\n\s*(.*)', trace)
+             if "/torch/" not in f[0] and "/fxprune/" not in f[0]]
     if not found:
         return "an unknown source line"
     path, line, code = found[-1]

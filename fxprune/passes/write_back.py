@@ -25,12 +25,14 @@ from torch import nn
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from ..errors import ModuleModeError
+from ..inputs import call_with
 from ..ir.spec import TensorSpec, spec_of
 from ..modes import eval_no_grad
 from ..outputs import tensors_of
 from ..plan import Plan
-from ..trace import record_shapes
+from ..trace import record_shapes, trace
 from .graph_diff import Traced, explain, refusal, source_of
+from .hf_config import HfLayout, update_hf_config
 
 log = logging.getLogger(__name__)
 
@@ -205,6 +207,17 @@ class WriteBack(PassBase):
         return "every node has the shape the plan predicts, so a constant the forward computes differs"
 
 
+def to_module(gm: fx.GraphModule, target: nn.Module, plan: Plan, inputs: tuple, bind: Any,
+              leaf_modules: Sequence[str] = (), layout: HfLayout | None = None) -> nn.Module:
+    """Write the pruned ``gm`` (traced from ``target`` with ``output="module"``, or a module-mode replay) back into
+    ``target`` (``WriteBack``) and update a Hugging Face ``config`` (``layout``: ``hf_layout`` of ``target`` before
+    pruning); returns ``target``."""
+    WriteBack(target, plan, inputs, call_target=lambda m, xs: call_with(m, bind, xs),
+              retrace=lambda m: trace(m, leaf_modules, example_inputs=bind, stack_traces=True))(gm)
+    update_hf_config(target, layout)
+    return target
+
+
 def _compare(want: list[torch.Tensor], got: list[torch.Tensor], atol: float, rtol: float) -> str | None:
     if len(want) != len(got):
         return f"{len(got)} output tensors, the graph returns {len(want)}"
@@ -217,4 +230,4 @@ def _compare(want: list[torch.Tensor], got: list[torch.Tensor], atol: float, rto
     return None
 
 
-__all__ = ["WriteBack", "Claim", "register_module_rewrite", "TRACED", "MODULE_OPTIONS"]
+__all__ = ["WriteBack", "to_module", "Claim", "register_module_rewrite", "TRACED", "MODULE_OPTIONS"]
