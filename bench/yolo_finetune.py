@@ -1,6 +1,6 @@
 """Dense vs pruned YOLOv8n trained with Ultralytics' own trainer on a synthetic dataset (offline, CPU).
 
-Run: ``python bench/yolo_finetune.py`` (defaults: 200 train / 50 val images of 128 px, 20 dense epochs, 10 fine-tune
+Run: ``python bench/yolo_finetune.py`` (defaults: 300 train / 50 val images of 128 px, 30 dense epochs, 20 fine-tune
 epochs; ``--help`` for the options). The workflow is the one of ``tests/models/test_ultralytics_workflow.py``:
 
 1. ``YOLO("yolov8n.yaml")`` (random weights) trains for ``--epochs`` epochs: the dense baseline.
@@ -62,12 +62,12 @@ def fused(model: torch.nn.Module) -> torch.nn.Module:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--train", type=int, default=200)
+    p.add_argument("--train", type=int, default=300)
     p.add_argument("--val", type=int, default=50)
     p.add_argument("--imgsz", type=int, default=128)
     p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--epochs", type=int, default=20)
-    p.add_argument("--finetune-epochs", type=int, default=10)
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--finetune-epochs", type=int, default=20)
     p.add_argument("--latency-size", type=int, default=640)
     p.add_argument("--runs", type=int, default=20)
     p.add_argument("--threads", type=int, default=2)

@@ -1,8 +1,11 @@
 """Hugging Face ``ViTForImageClassification`` (2 layers, hidden 64, 4 heads, 32 px, patch 8, random weights) pruned
-in module mode with a heads stage then a channels stage: the result is still the transformers class, so
-``model(pixel_values=x, labels=y).loss`` trains it (gradients reach the shrunk weights), ``save_pretrained`` writes
-it and ``fxprune.load`` reads it back."""
+in module mode with a heads stage then a channels stage that leaves the second MLP whole (non-uniform widths): the
+result is still the transformers class, so ``model(pixel_values=x, labels=y).loss`` trains it (gradients reach the
+shrunk weights). ``save_pretrained`` writes it; ``from_pretrained`` cannot rebuild it (the config has one
+``intermediate_size``), ``fxprune.load`` can, and the ``save_pretrained`` weights load into what it returns."""
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,7 +15,8 @@ from transformers import ViTConfig, ViTForImageClassification
 
 import fxprune
 
-RECIPE = {"stages": [{"kind": "heads", "target": {"sparsity": 0.5}}, {"kind": "channels", "target": {"flops": 0.5}}]}
+RECIPE = {"stages": [{"kind": "heads", "target": {"sparsity": 0.5}},
+                     {"kind": "channels", "target": {"flops": 0.3}, "ignore": ["vit.layers.1.mlp*"]}]}
 CONFIG = dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, intermediate_size=128, image_size=32,
               patch_size=8, num_labels=3)
 
@@ -66,3 +70,33 @@ def test_labels_give_a_loss_whose_gradients_reach_the_shrunk_weights(pruned: tup
     assert query.grad.abs().sum() > 0
     result.zero_grad()
     result.eval()
+
+
+def test_save_pretrained_then_fxprune_load_round_trips(pruned: tuple, tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    _, result, x = pruned
+    widths = [layer.mlp.fc1.out_features for layer in result.vit.layers]
+    assert widths[0] < 128 == widths[1]  # non-uniform: config.intermediate_size cannot say both
+    result.save_pretrained(tmp_path)  # config.json + model.safetensors, the Hugging Face checkpoint
+    fxprune.save(result, tmp_path / "fxprune.fxp")  # the plan (and the same weights)
+    again = fxprune.load(tmp_path / "fxprune.fxp", lambda: ViTForImageClassification(ViTConfig(**CONFIG)))
+    assert type(again) is ViTForImageClassification
+    assert [layer.mlp.fc1.out_features for layer in again.vit.layers] == widths
+    with torch.no_grad():
+        want = result(pixel_values=x).logits
+        torch.testing.assert_close(again(pixel_values=x).logits, want, rtol=0, atol=0)
+    # save_pretrained stored the shrunk tensors, under transformers' on-disk key names (transformers 5 renames
+    # vit.layers.N.attention.q_proj to the legacy vit.encoder.layer.N.attention.attention.query on disk)
+    on_disk = load_file(str(tmp_path / "model.safetensors"))
+    assert sorted(tuple(v.shape) for v in on_disk.values()) == sorted(tuple(v.shape) for v in
+                                                                       result.state_dict().values())
+
+
+def test_from_pretrained_cannot_rebuild_non_uniform_widths(pruned: tuple, tmp_path: Path) -> None:
+    _, result, _ = pruned
+    result.save_pretrained(tmp_path)
+    with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):  # size mismatches are refused
+        ViTForImageClassification.from_pretrained(tmp_path)
+    wrong = ViTForImageClassification.from_pretrained(tmp_path, ignore_mismatched_sizes=True)
+    assert wrong.vit.layers[0].mlp.fc1.out_features == 128  # the config's width, re-initialised: not the model
