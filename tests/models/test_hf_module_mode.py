@@ -1,8 +1,9 @@
 """Hugging Face ``ViTForImageClassification`` (2 layers, hidden 64, 4 heads, 32 px, patch 8, random weights) pruned
 in module mode with a heads stage then a channels stage that leaves the second MLP whole (non-uniform widths): the
 result is still the transformers class, so ``model(pixel_values=x, labels=y).loss`` trains it (gradients reach the
-shrunk weights). ``save_pretrained`` writes it; ``from_pretrained`` cannot rebuild it (the config has one
-``intermediate_size``), ``fxprune.load`` can, and the ``save_pretrained`` weights load into what it returns."""
+shrunk weights). ``save_pretrained`` writes it; ``from_pretrained`` rebuilds a uniform result from the updated
+config, but cannot rebuild this one (the config has one ``intermediate_size``); ``fxprune.load`` can, and the
+``save_pretrained`` weights load into what it returns."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -100,3 +101,21 @@ def test_from_pretrained_cannot_rebuild_non_uniform_widths(pruned: tuple, tmp_pa
         ViTForImageClassification.from_pretrained(tmp_path)
     wrong = ViTForImageClassification.from_pretrained(tmp_path, ignore_mismatched_sizes=True)
     assert wrong.vit.layers[0].mlp.fc1.out_features == 128  # the config's width, re-initialised: not the model
+
+
+def test_from_pretrained_rebuilds_uniform_widths_from_the_updated_config(tmp_path: Path) -> None:
+    model = dense()
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    recipe = {"stages": [{"kind": "heads", "target": {"sparsity": 0.5}},
+                         {"kind": "channels", "target": {"flops": 0.5}}]}
+    result = fxprune.compile(model, recipe, example_inputs={"pixel_values": x}, output="module")
+    fc1 = {layer.mlp.fc1.out_features for layer in result.vit.layers}
+    heads = {layer.attention.num_attention_heads for layer in result.vit.layers}
+    assert len(fc1) == len(heads) == 1, "this recipe prunes both layers alike"
+    config = result.config
+    assert (config.num_attention_heads, config.intermediate_size) == (heads.pop(), fc1.pop())
+    assert config.head_dim == result.vit.layers[0].attention.head_dim == 16  # no longer hidden // heads
+    assert model.config.num_attention_heads == 4 and model.config.intermediate_size == 128  # user's model untouched
+    result.save_pretrained(tmp_path)
+    rebuilt = ViTForImageClassification.from_pretrained(tmp_path).eval()
+    torch.testing.assert_close(rebuilt(pixel_values=x).logits, result(pixel_values=x).logits, rtol=0, atol=0)
