@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from .report import Report
 
 log = logging.getLogger("fxprune.cli")
-TARGETS = ("sparsity", "flops", "params")
+TARGETS = ("sparsity", "flops", "params", "latency")
 
 
 # -- argument types (an ArgumentTypeError becomes "error: argument ...: <message>" and exit code 2) -------------
@@ -63,7 +63,7 @@ def _close(name: str, known: Sequence[str]) -> str:
 
 
 def target_spec(text: str) -> dict[str, float]:
-    """``flops=0.5``, ``params=0.3`` or ``sparsity=0.5``: the fraction removed."""
+    """``flops=0.5``, ``params=0.3``, ``sparsity=0.5`` or ``latency=0.4``: the fraction removed."""
     kind, sep, value = text.partition("=")
     if not sep or kind not in TARGETS:
         choices = ", ".join(k + "=<fraction>" for k in TARGETS)
@@ -75,6 +75,11 @@ def target_spec(text: str) -> dict[str, float]:
     if not 0.0 <= fraction < 1.0:
         raise argparse.ArgumentTypeError(f"target '{kind}' must be in [0, 1), got {fraction}")
     return {kind: fraction}
+
+
+def round_to_spec(text: str) -> int | str:
+    """A positive integer or ``auto``."""
+    return "auto" if text == "auto" else positive_int(text)
 
 
 def positive_int(text: str) -> int:
@@ -104,10 +109,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recipe", help="a YAML/JSON recipe file or inline YAML/JSON text "
                                     "(instead of --target/--criterion)")
     p.add_argument("--target", type=target_spec,
-                   help="what to remove, e.g. flops=0.5 (default), params=0.3, sparsity=0.5")
+                   help="what to remove, e.g. flops=0.5 (default), params=0.3, sparsity=0.5, latency=0.4 (measured "
+                        "on this machine at --batch and --threads)")
     p.add_argument("--criterion", help="channel criterion (default l2); the CLI passes no calibration data, so use a "
                                        "data-free one: l1, l2, bn_scale, random")
-    p.add_argument("--round-to", type=positive_int, help="keep a multiple of this many channels per group (default 1)")
+    p.add_argument("--round-to", type=round_to_spec,
+                   help="keep a multiple of this many channels per group (default 1), or 'auto' (per group, where its "
+                        "measured latency steps)")
     p.add_argument("--out", help="write the pruned model here (a safetensors file, conventionally *.fxp)")
     p.add_argument("--input-size", type=positive_int, default=224,
                    help="height = width of the example input (default 224)")
@@ -195,6 +203,9 @@ def compare(before: nn.Module, after: nn.Module, inputs: tuple,
     rows = [("params", f"{rep.params[0]:,}", f"{rep.params[1]:,}", _ratio(*rep.params)),
             ("MACs", f"{rep.macs[0]:,}", f"{rep.macs[1]:,}", _ratio(*rep.macs)),
             (f"CPU latency (ms, median of {runs})", f"{t0:.2f}", f"{t1:.2f}", _ratio(t0, t1))]
+    predicted = getattr(getattr(after, "fxprune_plan", None), "stats", {}).get("latency_predicted_ratio")
+    if predicted is not None:
+        rows.append(("latency predicted by the lookup table", "", f"{predicted * t0:.2f}", f"{predicted:.3f}x"))
     return rows, rep
 
 

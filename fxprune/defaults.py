@@ -5,6 +5,9 @@ masked branch, which the example run (where ``mask`` is ``None``) cannot execute
 parameter after the positional example inputs to its default, through torch.fx's ``concrete_args``, traces the
 branch the example run takes; the graph keeps the parameter as an input with that default and asserts it is
 passed unchanged.
+
+``forward_parameters`` is the one place the forward's signature is read, for this plain-fx path and for the
+capture path's binding (``capture/signature.py``).
 """
 from __future__ import annotations
 
@@ -18,6 +21,28 @@ from torch import nn
 CONSTANT_TYPES = (type(None), bool, int, float, str)
 
 
+def forward_parameters(model: nn.Module) -> list[inspect.Parameter] | None:
+    """The parameters of ``model.forward`` (following ``functools.wraps``), or ``None`` when it has no signature."""
+    try:
+        return list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return None
+
+
+def has_var_args(params: list[inspect.Parameter]) -> bool:
+    """Whether a signature takes ``*args`` or ``**kwargs``."""
+    return any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in params)
+
+
+def plain_signature(model: nn.Module, example_inputs: Any) -> bool:
+    """Whether plain torch.fx tracing binds these inputs as the model expects: positional inputs to a forward
+    without ``*args``/``**kwargs``."""
+    if isinstance(example_inputs, dict):
+        return False
+    params = forward_parameters(model)
+    return params is not None and not has_var_args(params)
+
+
 def unbound_defaults(model: nn.Module, example_inputs: Any) -> dict[str, Any]:
     """``{name: default}`` for the parameters of ``model.forward`` after the positional ``example_inputs`` (a
     tensor, a tuple or a list) whose default is a constant; ``{}`` for other inputs or a ``*args`` forward."""
@@ -27,14 +52,11 @@ def unbound_defaults(model: nn.Module, example_inputs: Any) -> dict[str, Any]:
         n = len(example_inputs)
     else:
         return {}
-    try:
-        params = list(inspect.signature(model.forward).parameters.values())
-    except (TypeError, ValueError):
-        return {}
-    if any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in params):
+    params = forward_parameters(model)
+    if params is None or has_var_args(params):
         return {}
     return {p.name: p.default for p in params[n:]
             if p.default is not p.empty and isinstance(p.default, CONSTANT_TYPES)}
 
 
-__all__ = ["unbound_defaults"]
+__all__ = ["forward_parameters", "has_var_args", "plain_signature", "unbound_defaults"]

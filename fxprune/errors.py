@@ -32,3 +32,9 @@ class PlanError(FxPruneError):
 
 class RewriteError(FxPruneError):
     """A rewrite produced a graph that does not match the plan's predicted shapes."""
+
+
+class ModuleModeError(FxPruneError):
+    """``output="module"`` cannot apply a plan to the model's own forward (a graph constant its code does not read
+    from a module attribute or a tensor size, an inserted node with no place in the module tree); the message names
+    the node and its source line, and ``output="graph"`` works."""

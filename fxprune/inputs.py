@@ -21,4 +21,24 @@ def as_input_tuple(example_inputs: Any) -> tuple:
                              f"got {type(example_inputs).__name__}")
 
 
-__all__ = ["as_input_tuple"]
+def call_with(model: Any, bind: Any, inputs: tuple | None = None) -> Any:
+    """``model`` called as the user calls it with ``bind`` (the example inputs as given): by keyword for a dict,
+    else positionally. ``inputs`` replaces the values (in ``bind``'s order)."""
+    values = as_input_tuple(bind) if inputs is None else tuple(inputs)
+    if isinstance(bind, dict):
+        return model(**dict(zip(bind, values)))
+    return model(*values)
+
+
+def input_specs(bind: Any) -> list[dict]:
+    """Shapes and dtypes (and names, for keyword inputs) of the example inputs, as ``fxprune.save`` stores them."""
+    names = list(bind) if isinstance(bind, dict) else None
+    specs = [{"shape": list(t.shape), "dtype": str(t.dtype)} for t in as_input_tuple(bind)
+             if isinstance(t, torch.Tensor)]
+    if names is not None and len(names) == len(specs):
+        for spec, name in zip(specs, names):
+            spec["name"] = name
+    return specs
+
+
+__all__ = ["as_input_tuple", "call_with", "input_specs"]

@@ -31,6 +31,10 @@ class Plan:
     ``options`` holds the analysis options the plan was made under (``{"layer_norm": "renormalize"}``: LayerNorms
     normalize over their kept channels only, see ``ops/norm_renormalize.py``); replay and the test oracle read them.
     Empty by default, and then not written by ``to_dict`` (plans without options keep their exact form).
+
+    ``round_to`` records the step each group's kept count was rounded to when a stage chose it (``round_to:
+    "auto"``), by group key (its first parameter axis); a recipe's ``round_to`` may take this mapping to replay the
+    choice. Written only when not empty.
     """
 
     kept: dict[str, list[int]] = field(default_factory=dict)
@@ -41,6 +45,7 @@ class Plan:
     rewrites: list[dict] = field(default_factory=list)
     version: int = PLAN_VERSION
     options: dict[str, str] = field(default_factory=dict)
+    round_to: dict[str, int] = field(default_factory=dict)
 
     def kept_spaces(self) -> dict[Space, np.ndarray]:
         return {Space.parse(k): np.asarray(v, np.int64) for k, v in self.kept.items()}
@@ -61,13 +66,16 @@ class Plan:
             raise PlanError("a channel plan cannot follow graph rewrites: put channel stages before "
                             f"{self.rewrites[-1].get('pass')!r} stages")
         return Plan(kept, sizes, self.groups + later.groups, later.frozen, {**self.stats, **later.stats},
-                    self.rewrites + later.rewrites, options={**self.options, **later.options})
+                    self.rewrites + later.rewrites, options={**self.options, **later.options},
+                    round_to={**self.round_to, **later.round_to})
 
     def to_dict(self) -> dict:
         out = {"format": "fxprune.plan", "version": self.version, "kept": self.kept, "sizes": self.sizes,
                "groups": self.groups, "frozen": self.frozen, "stats": self.stats, "rewrites": self.rewrites}
         if self.options:
             out["options"] = dict(self.options)
+        if self.round_to:
+            out["round_to"] = dict(self.round_to)
         return out
 
     def to_json(self) -> str:
@@ -81,7 +89,8 @@ class Plan:
             raise PlanError(f"plan version {data.get('version')!r} is not supported (expected {PLAN_VERSION})")
         return cls({k: list(map(int, v)) for k, v in data["kept"].items()}, dict(data["sizes"]),
                    list(data.get("groups", [])), list(data.get("frozen", [])), dict(data.get("stats", {})),
-                   [dict(r) for r in data.get("rewrites", [])], options=dict(data.get("options", {})))
+                   [dict(r) for r in data.get("rewrites", [])], options=dict(data.get("options", {})),
+                   round_to={k: int(v) for k, v in data.get("round_to", {}).items()})
 
     @classmethod
     def from_json(cls, text: str) -> Plan:

@@ -5,11 +5,14 @@ slot and the group keeps ``1 - max_sparsity`` of its units. A budget picks how f
 same fraction in every group (``local``), one threshold on group-normalized scores (``global``), or one
 threshold on raw scores per module family, the same fraction in every family (``module``, DIMAP arXiv 2404.13648;
 groups in no family are left alone). FLOPs and parameter budgets are met by bisection on that fraction, counting
-MACs and parameters at the shrunk sizes.
+MACs and parameters at the shrunk sizes. A latency budget (``fxprune.latency.LatencyTable``) is met greedily: the
+next ``round_to`` chunk of the group whose score per predicted millisecond saved is lowest goes first, until the
+table predicts the target.
 """
 from __future__ import annotations
 
 import fnmatch
+import heapq
 import logging
 import math
 from collections.abc import Collection, Mapping, Sequence
@@ -19,7 +22,9 @@ import numpy as np
 
 from .analysis import Analysis
 from .errors import BudgetError
+from .ir.context import SizeContext
 from .ir.space import Space
+from .latency import LatencyTable
 from .plan import Plan
 from .work import Counter
 
@@ -38,6 +43,7 @@ class Budget:
         round_to: kept units per group rounded up to a multiple of this.
         round_units: ``round_to`` counts units (e.g. heads); by default it counts channels (a unit of a grouped conv
             holds several).
+        group_round_to: ``round_to`` of single groups, by ``group_key`` (``round_to: "auto"`` and its replay).
     """
 
     scope: str = "local"
@@ -45,6 +51,13 @@ class Budget:
     max_sparsity: float = 0.9
     round_to: int = 1
     round_units: bool = False
+    group_round_to: Mapping[str, int] = field(default_factory=dict)
+
+
+def group_key(a: Analysis, g: int) -> str:
+    """A name of group ``g`` that stays the same across analyses of one model: its first parameter axis key."""
+    keys = [a.spaces[i].key() for i in np.flatnonzero(a.space_group == g) if a.spaces[i].is_param]
+    return min(keys) if keys else f"group{g}"
 
 
 @dataclass
@@ -64,12 +77,15 @@ class Planner:
     """Builds plans for one analysis and one set of scores."""
 
     def __init__(self, analysis: Analysis, scores: np.ndarray, budget: Budget, done: dict[int, int] | None = None,
-                 normalize: bool = True, groups: Collection[int] | None = None) -> None:
+                 normalize: bool = True, groups: Collection[int] | None = None,
+                 latency: LatencyTable | None = None) -> None:
         """``done[group]``: units earlier steps removed from a group; ``local`` fractions then count them.
         ``normalize=False``: the scores are already comparable across groups (``global`` uses them as they are).
         ``groups``: plan only these groups (e.g. the attention-head groups); default every prunable group.
+        ``latency``: the lookup table of ``analysis``'s graph, for ``latency`` budgets.
         """
         self.a = analysis
+        self.latency = latency
         self.normalize = normalize
         self.budget = budget
         self.counts = analysis.unit_space_counts()
@@ -132,7 +148,7 @@ class Planner:
         mean = float(np.mean(np.abs(scores[units]))) if len(units) else 1.0
         scaled = mean > 0 and np.isfinite(mean) and self.normalize and self.budget.scope != "module"
         norm = scores[order] / (mean if scaled else 1.0)
-        r = self.budget.round_to
+        r = int(self.budget.group_round_to.get(group_key(a, g), self.budget.round_to))
         step = r if self.budget.round_units else r // math.gcd(r, max(width, 1))
         return GroupOrder(g, order, norm, int(in_group.sum()), len(units), step)
 
@@ -182,7 +198,16 @@ class Planner:
         return {self.a.spaces[i]: int(self.a.sizes[i] - lost[i]) for i in np.flatnonzero(lost)}
 
     def reduction(self, removed: np.ndarray, metric: str) -> float:
+        """Fraction of ``metric`` (``macs``, ``params`` or ``latency``, predicted by the table) removed."""
+        if metric == "latency":
+            table = self._table()
+            return 1.0 - table.predict(self.new_sizes(removed)) / table.base_ms if table.base_ms else 0.0
         return self.counter.reduction(self.new_sizes(removed), metric)
+
+    def _table(self) -> LatencyTable:
+        if self.latency is None:
+            raise BudgetError("a latency target needs the latency lookup table (Planner(latency=...))")
+        return self.latency
 
     def solve(self, target_kind: str, target: float) -> np.ndarray:
         """Removed units meeting the target (a sparsity fraction, or a fraction of MACs / params removed)."""
@@ -193,6 +218,8 @@ class Planner:
             return np.zeros(0, np.int64)
         if target_kind == "sparsity":
             return self.removed_units(target)
+        if target_kind == "latency":
+            return self._solve_latency(target)
         metric = "macs" if target_kind == "flops" else "params"
         best = self.reduction(self.removed_units(1.0), metric)
         if best + 1e-9 < target:
@@ -207,7 +234,7 @@ class Planner:
             else:
                 lo = mid
         below, above = self.removed_units(lo), self.removed_units(hi)
-        if self.budget.round_to > 1:
+        if self.budget.round_to > 1 or any(o.step > 1 for o in self.orders):
             return above
         # Many groups cross a step at the same fraction: add the units between ``lo`` and ``hi`` one by one,
         # lowest normalized score first (each group still loses a prefix of its order), to land on the target.
@@ -249,6 +276,81 @@ class Planner:
             if reached >= target:
                 return np.asarray(picked, np.int64)
         return None
+
+    def _solve_latency(self, target: float) -> np.ndarray:
+        """Greedy on the table: take the next chunk (down to the next multiple of the group's step) of the group
+        whose chunk has the lowest normalized score per predicted millisecond saved, until the prediction is at or
+        below ``(1 - target)`` of the unpruned one."""
+        table, a = self._table(), self.a
+        goal = (1.0 - target) * table.base_ms
+        sizes = a.sizes.astype(np.int64).copy()
+        cur: dict[Space, int] = {}
+        ctx = SizeContext(cur, a.param_sizes)
+        ms = np.array([table.entry_ms(i, ctx) for i in range(len(table.entries))])
+        total = table.residual_ms + table.scale * float(ms.sum())
+        taken = [0] * len(self.orders)
+        entries_of = [sorted({e for sp in np.unique(self.counts[o.order].indices)
+                              for e in table.by_space.get(int(sp), ())}) for o in self.orders]
+        groups_of_entry: dict[int, set[int]] = {}
+        for i, es in enumerate(entries_of):
+            for e in es:
+                groups_of_entry.setdefault(e, set()).add(i)
+
+        def chunk(i: int) -> np.ndarray:
+            o, k = self.orders[i], taken[i]
+            kept = o.n_units - k
+            nxt = (kept - 1) // o.step * o.step
+            return o.order[k:o.n_units - nxt] if nxt > 0 and o.n_units - nxt <= len(o.order) else o.order[:0]
+
+        def shift(units: np.ndarray, sign: int) -> None:
+            rows = self.counts[units]
+            lost = np.bincount(rows.indices, weights=rows.data, minlength=len(sizes)).astype(np.int64)
+            for sp in np.flatnonzero(lost):
+                sizes[sp] -= sign * lost[sp]
+                cur[a.spaces[sp]] = int(sizes[sp])
+
+        def saving(i: int, units: np.ndarray) -> float:
+            shift(units, 1)
+            new = sum(table.entry_ms(e, ctx) for e in entries_of[i])
+            shift(units, -1)
+            return float(sum(ms[e] for e in entries_of[i]) - new)
+
+        heap: list[tuple[float, int, int]] = []
+        version = [0] * len(self.orders)
+
+        def push(i: int) -> None:
+            version[i] += 1
+            units = chunk(i)
+            if len(units):
+                saved = saving(i, units)
+                cost = float(np.sum(np.maximum(self.unit_score[units], 0.0)))
+                if saved > 1e-12 and np.isfinite(cost):
+                    heapq.heappush(heap, (cost / saved, i, version[i]))
+
+        for i in range(len(self.orders)):
+            push(i)
+        while total > goal * (1 + 1e-12) and heap:
+            _, i, v = heapq.heappop(heap)
+            if v != version[i]:
+                continue
+            units = chunk(i)
+            shift(units, 1)
+            taken[i] += len(units)
+            touched = set()
+            for e in entries_of[i]:
+                new = table.entry_ms(e, ctx)
+                total += table.scale * (new - ms[e])
+                ms[e] = new
+                touched |= groups_of_entry.get(e, set())
+            for j in touched | {i}:
+                push(j)
+        if total > goal * (1 + 1e-9):
+            raise BudgetError(f"latency target {target:.3f} cannot be met: the lookup table predicts at most "
+                              f"{1 - total / table.base_ms:.3f} of the model's latency can be removed "
+                              f"(max_sparsity={self.budget.max_sparsity}, frozen groups and ignored modules excluded; "
+                              f"{table.residual_ms:.3f} of its {table.base_ms:.3f} ms are outside the timed layers)")
+        parts = [o.order[:k] for o, k in zip(self.orders, taken)]
+        return np.concatenate(parts) if parts else np.zeros(0, np.int64)
 
     def plan(self, removed: np.ndarray) -> Plan:
         a = self.a

@@ -1,4 +1,5 @@
-"""Reports: parameters, MACs, per-layer widths before and after pruning, and frozen groups with reasons."""
+"""Reports: parameters, MACs, per-layer widths before and after pruning, frozen groups with reasons, and (when asked)
+measured latency before and after with the latency target's prediction."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -8,6 +9,8 @@ from torch import nn
 
 from .copies import shared_copy
 from .inputs import as_input_tuple
+from .latency import model_ms
+from .modes import eval_no_grad
 from .submodule import capture_inputs
 from .trace import record_shapes, trace, unwrap
 from .work import count_model
@@ -33,6 +36,12 @@ class Report:
     frozen: list[dict] = field(default_factory=list)
     submodule: str = ""
     capture: list[str] = field(default_factory=list)  # automatic leaves and guards of the capture (fxprune.capture)
+    latency_ms: tuple[float, float] | None = None  # measured before / after (``measure_latency=True``)
+    predicted_ms: float | None = None  # a latency target's prediction, scaled to the measured ``before``
+
+    @property
+    def latency_ratio(self) -> float | None:
+        return self.latency_ms[1] / self.latency_ms[0] if self.latency_ms and self.latency_ms[0] else None
 
     @property
     def params_ratio(self) -> float:
@@ -45,7 +54,15 @@ class Report:
     def __str__(self) -> str:
         lines = [f"params {self.params[0]:,} -> {self.params[1]:,} ({self.params_ratio:.3f}x)",
                  f"MACs   {self.macs[0]:,} -> {self.macs[1]:,} ({self.macs_ratio:.3f}x)"
-                 + (f" of submodule '{self.submodule}'" if self.submodule else ""), "",
+                 + (f" of submodule '{self.submodule}'" if self.submodule else "")]
+        if self.latency_ms is not None:
+            t0, t1 = self.latency_ms
+            lines.append(f"latency {t0:.3f} ms -> {t1:.3f} ms ({t1 / t0 if t0 else 1.0:.3f}x, measured)")
+            if self.predicted_ms is not None:
+                ratio = self.predicted_ms / t0 if t0 else 1.0
+                lines.append(f"latency predicted {self.predicted_ms:.3f} ms ({ratio:.3f}x, latency target's lookup "
+                             f"table)")
+        lines += ["",
                  f"{'layer':40s} {'type':18s} {'in':>11s} {'out':>11s}"]
         for name, kind, (i0, o0), (i1, o1) in self.layers:
             lines.append(f"{name:40s} {kind:18s} {f'{i0}->{i1}':>11s} {f'{o0}->{o1}':>11s}")
@@ -59,8 +76,12 @@ class Report:
         return "\n".join(lines)
 
 
-def report(before: nn.Module, after: nn.Module, example_inputs: Any) -> Report:
+def report(before: nn.Module, after: nn.Module, example_inputs: Any, measure_latency: bool = False) -> Report:
     """Compare an original model with its pruned version on ``example_inputs``.
+
+    ``measure_latency=True`` also times both models on ``example_inputs`` (interleaved medians, in eval mode, on
+    their device and at the current thread count) and, for a plan made for a latency target, shows the latency its
+    lookup table predicted.
 
     For a model pruned with a recipe ``submodule`` (a detector's backbone), MACs are those of that submodule on
     the inputs it receives from one run of the whole model (the rest may not trace); params are whole-model counts.
@@ -96,8 +117,15 @@ def report(before: nn.Module, after: nn.Module, example_inputs: Any) -> Report:
         if w0 is not None and w1 is not None:
             layers.append((name, type(m).__name__, w0, w1))
     plan = getattr(after, "fxprune_plan", None)
-    return Report((counts[0]["params"], counts[1]["params"]), (counts[0]["macs"], counts[1]["macs"]), layers,
-                  list(plan.frozen) if plan is not None else [], sub, notes)
+    out = Report((counts[0]["params"], counts[1]["params"]), (counts[0]["macs"], counts[1]["macs"]), layers,
+                 list(plan.frozen) if plan is not None else [], sub, notes)
+    if measure_latency:
+        with eval_no_grad(before, after):
+            t0, t1 = model_ms([before, after], inputs)
+        out.latency_ms = (t0, t1)
+        ratio = plan.stats.get("latency_predicted_ratio") if plan is not None else None
+        out.predicted_ms = float(ratio) * t0 if ratio is not None else None
+    return out
 
 
 __all__ = ["Report", "report"]

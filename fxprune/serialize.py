@@ -10,6 +10,8 @@ file: its tensors are the pruned model's ``state_dict`` and its string header me
   a scoped file holds the whole model's tensors and its ``inputs`` are the submodule's captured inputs,
 * ``inputs``: a JSON list of the example inputs' shapes and dtypes (used when ``load`` gets no inputs),
 * ``training``: ``"true"``/``"false"``, the pruned model's mode, restored by ``load``,
+* ``output``: ``"graph"`` or ``"module"`` (``fxprune.compile(..., output=...)``): ``load`` rebuilds the same kind,
+  a ``GraphModule`` or the architecture's own class (the plan replayed on a trace, written back into the model),
 * ``fxprune_version`` and ``torch_version`` (informational).
 
 ``fxprune.load(path, model_or_constructor, example_inputs)`` traces the original architecture again, replays the
@@ -32,9 +34,12 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .errors import FxPruneError, PlanError
-from .inputs import as_input_tuple
+from .inputs import as_input_tuple, input_specs
 from .ir.spec import TensorSpec, spec_of
+from .passes.graph_diff import snapshot
+from .passes.hf_config import hf_layout
 from .passes.replay import apply_plan
+from .passes.write_back import TRACED, to_module
 from .plan import Plan
 from .recover.bias import add_missing_biases
 from .trace import record_shapes, trace, unwrap
@@ -68,7 +73,7 @@ def _input_specs(module: nn.Module, submodule: str, example_inputs: Any) -> list
     if submodule and example_inputs is None:
         return list(getattr(module, "fxprune_submodule_inputs", []))
     if example_inputs is None:
-        return traced_input_specs(module)
+        return list(getattr(module, "fxprune_input_specs", None) or traced_input_specs(module))
     names = list(example_inputs) if isinstance(example_inputs, dict) and not submodule else None
     inputs = as_input_tuple(example_inputs)
     if submodule:
@@ -134,7 +139,7 @@ def save(pruned: nn.Module, path: str | Path, *, leaf_modules: Sequence[str] | N
 
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "plan": plan.to_json(),
             "leaf_modules": json.dumps(_leaf_modules_of(pruned, leaf_modules)), "inputs": json.dumps(inputs),
-            "submodule": submodule,
+            "submodule": submodule, "output": _output_of(module),
             "training": json.dumps(bool(module.training)), "fxprune_version": __version__,
             "torch_version": torch.__version__}
     out = Path(path)
@@ -142,6 +147,10 @@ def save(pruned: nn.Module, path: str | Path, *, leaf_modules: Sequence[str] | N
     save_file(tensors, str(out), metadata=meta)
     log.info("saved %d tensors and a plan of %d spaces to %s", len(tensors), len(plan.kept), out)
     return out
+
+
+def _output_of(module: nn.Module) -> str:
+    return "module" if getattr(module, "fxprune_output", "graph") == "module" else "graph"
 
 
 def read_metadata(path: str | Path) -> dict[str, Any]:
@@ -162,7 +171,7 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
     try:
         return {"plan": Plan.from_json(meta["plan"]), "leaf_modules": json.loads(meta.get("leaf_modules", "[]")),
                 "inputs": json.loads(meta.get("inputs", "[]")), "training": json.loads(meta.get("training", "false")),
-                "submodule": meta.get("submodule", ""),
+                "submodule": meta.get("submodule", ""), "output": meta.get("output", "graph"),
                 "fxprune_version": meta.get("fxprune_version"),
                 "torch_version": meta.get("torch_version")}
     except (KeyError, json.JSONDecodeError) as exc:
@@ -207,6 +216,16 @@ def _load_weights(gm: nn.Module, tensors: dict[str, torch.Tensor], path: Path, a
     gm.load_state_dict(tensors, strict=True)
 
 
+def _replay_module(model: nn.Module, plan: Plan, leaf_modules: Sequence[str], bind: Any, inputs: tuple) -> nn.Module:
+    """Module mode replayed: ``plan`` applied to a trace of ``model``, then written back into ``model`` itself."""
+    layout = hf_layout(model)
+    gm = trace(model.eval(), leaf_modules, example_inputs=bind, stack_traces=True)
+    record_shapes(gm, inputs)
+    gm.meta[TRACED] = snapshot(gm)
+    apply_plan(gm, plan, inputs)
+    return to_module(gm, model, plan, inputs, bind, leaf_modules, layout)
+
+
 def load(path: str | Path, model_or_constructor: nn.Module | Callable[[], nn.Module],
          example_inputs: Any = None) -> nn.Module:
     """Rebuild a pruned model saved with ``fxprune.save``.
@@ -223,7 +242,8 @@ def load(path: str | Path, model_or_constructor: nn.Module | Callable[[], nn.Mod
 
     Returns:
         A ``torch.fx.GraphModule`` with ``fxprune_plan``, in the train/eval mode the pruned model was saved in; for
-        a file saved from a recipe with ``submodule``, the whole model with that submodule replayed.
+        a file saved from a recipe with ``submodule``, the whole model with that submodule replayed; for a file
+        saved from ``output="module"``, the architecture's own class (module mode replayed: ``fxprune_output``).
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
@@ -244,6 +264,8 @@ def load(path: str | Path, model_or_constructor: nn.Module | Callable[[], nn.Mod
 
             sub_inputs = inputs if example_inputs is None else capture_inputs(model, meta["submodule"], inputs)[0]
             gm = replay_submodule(model, meta["submodule"], plan, meta["leaf_modules"], sub_inputs)
+        elif meta["output"] == "module":
+            gm = _replay_module(model, plan, meta["leaf_modules"], bind, inputs)
         else:
             gm = trace(model.eval(), meta["leaf_modules"], example_inputs=bind)
             record_shapes(gm, inputs)
@@ -252,7 +274,10 @@ def load(path: str | Path, model_or_constructor: nn.Module | Callable[[], nn.Mod
         raise PlanError(f"the plan in '{p}' does not fit {arch}: {exc}") from exc
     _load_weights(gm, load_file(str(p)), p, arch)
     setattr(gm, "fxprune_plan", plan)  # nn.Module's typed __setattr__ names only tensors and modules
-    if isinstance(bind, dict):
+    if meta["output"] == "module":
+        setattr(gm, "fxprune_output", "module")
+        setattr(gm, "fxprune_input_specs", input_specs(bind))
+    elif isinstance(bind, dict):
         setattr(gm, "fxprune_input_names", list(bind))
     gm.train(bool(meta["training"]))
     log.info("loaded %s from %s (%d spaces shrunk)", arch, p, len(plan.kept))

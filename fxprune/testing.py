@@ -20,7 +20,7 @@ from torch import nn
 from .analysis import Analysis, analyze
 from .api import compile as fx_compile
 from .capture.outputs import output_structure
-from .inputs import as_input_tuple
+from .inputs import as_input_tuple, call_with
 from .ir.space import Space
 from .ir.spec import TensorSpec, spec_of
 from .modes import eval_no_grad
@@ -226,17 +226,69 @@ def assert_masked_equals_shrunk(
         record_shapes(shrunk, inputs)
         apply_plan(shrunk, plan, inputs)
     masked = masked_model(model, plan, bind, leaf_modules)
-    want_out, got_out = _run_eval(masked, inputs), _run_eval(shrunk, inputs)
+    _assert_outputs_equal(_run_eval(masked, inputs), _run_eval(shrunk, inputs), "masked", "shrunk", atol, rtol)
+
+
+def _assert_outputs_equal(want_out: Any, got_out: Any, wname: str, gname: str, atol: float, rtol: float) -> None:
+    """Same output structure and tensors (``atol`` scaled by the largest magnitude of each ``want`` tensor)."""
     want_structure, got_structure = output_structure(want_out), output_structure(got_out)
     assert want_structure[0] == got_structure[0], \
-        f"masked model returns {want_structure[0]}, shrunk model {got_structure[0]}"
+        f"{wname} model returns {want_structure[0]}, {gname} model {got_structure[0]}"
     want, got = tensors_of(want_out), tensors_of(got_out)
-    assert len(want) == len(got), f"masked model returns {len(want)} tensors, shrunk model {len(got)}"
+    assert len(want) == len(got), f"{wname} model returns {len(want)} tensors, {gname} model {len(got)}"
     for i, (w, g) in enumerate(zip(want, got)):
-        assert w.shape == g.shape, f"output {i}: masked shape {tuple(w.shape)} != shrunk shape {tuple(g.shape)}"
+        assert w.shape == g.shape, f"output {i}: {wname} shape {tuple(w.shape)} != {gname} shape {tuple(g.shape)}"
         scale = max(1.0, float(w.abs().max())) if w.numel() and w.is_floating_point() else 1.0
         torch.testing.assert_close(g, w, atol=atol * scale, rtol=rtol,
-                                   msg=lambda m: f"output {i}: shrunk != masked: {m}")
+                                   msg=lambda m: f"output {i}: {gname} != {wname}: {m}")
+
+
+def replay_graph(model: nn.Module, plan: Plan, inputs: Any, leaf_modules: Sequence[str] = ()) -> fx.GraphModule:
+    """Graph mode replaying ``plan`` on a copy of ``model`` traced at ``inputs`` (a tensor, tuple or dict)."""
+    gm = trace(copy.deepcopy(model).eval(), leaf_modules, example_inputs=inputs)
+    record_shapes(gm, as_input_tuple(inputs))
+    return apply_plan(gm, plan, as_input_tuple(inputs))
+
+
+def _with_inserted_weights(gm: fx.GraphModule, model: nn.Module, result: nn.Module) -> fx.GraphModule:
+    """Give the modules a rewrite inserted into a replayed ``gm`` (the ``patches`` proposal, built afresh) the
+    weights of the modules of the same type in ``result``, in order: replays then compute with the same weights."""
+    known = {id(m) for m in model.modules()} | {type(m) for m in model.modules()}
+    mine = [m for name, m in gm.named_children() if type(m) not in known and id(m) not in known]
+    theirs = {t: [m for m in result.modules() if type(m) is t] for t in {type(m) for m in mine}}
+    for m in mine:
+        if theirs[type(m)]:
+            m.load_state_dict(theirs[type(m)].pop(0).state_dict())
+    return gm
+
+
+def assert_module_matches(model: nn.Module, result: nn.Module, example_inputs: Any, second_inputs: Any, *,
+                          leaf_modules: Sequence[str] = (), atol: float = 1e-4, rtol: float = 1e-4) -> None:
+    """Assert that ``result`` (``fxprune.compile(model, ..., output="module")``) is the plan applied to ``model``:
+
+    * its class is ``model``'s;
+    * on ``example_inputs`` it computes what graph mode replaying the same plan computes;
+    * on ``second_inputs`` (another input size the architecture accepts, or another batch size) it computes what
+      the masked oracle re-traced at that size computes (``masked_model``), or, for a plan with graph rewrites
+      (``blocksparse``, ``patches``), what graph mode replaying the plan at that size computes. A shape the trace
+      specialised (anchors, position tables) therefore cannot leak into the result.
+
+    Inputs are a tensor, a tuple, or a dict of keyword inputs (then ``result`` is called by keyword).
+    """
+    assert type(result) is type(model), f"module mode returned {type(result).__name__}, not {type(model).__name__}"
+    plan = result.fxprune_plan
+    graph = _with_inserted_weights(replay_graph(model, plan, example_inputs, leaf_modules), model, result)
+    with eval_no_grad(result):
+        got = call_with(result, example_inputs)
+    _assert_outputs_equal(_run_eval(graph, as_input_tuple(example_inputs)), got, "graph-mode", "module-mode",
+                          atol, rtol)
+    second = as_input_tuple(second_inputs)
+    oracle = masked_model(model, plan, second_inputs, leaf_modules) if not plan.rewrites \
+        else _with_inserted_weights(replay_graph(model, plan, second_inputs, leaf_modules), model, result)
+    with eval_no_grad(result):
+        got = call_with(result, second_inputs)
+    _assert_outputs_equal(_run_eval(oracle, second), got, "masked" if not plan.rewrites else "graph-mode",
+                          "module-mode (second inputs)", atol, rtol)
 
 
 def _digest(t: torch.Tensor) -> tuple:
@@ -310,6 +362,7 @@ def channel_recipe(target: float, kind: str = "sparsity", **fields: Any) -> dict
     return {"stages": [{"kind": "channels", "target": {kind: target}, **fields}]}
 
 
-__all__ = ["assert_masked_equals_shrunk", "assert_compiles", "masked_model", "masked_layer_norm",
+__all__ = ["assert_masked_equals_shrunk", "assert_module_matches", "replay_graph",
+           "assert_compiles", "masked_model", "masked_layer_norm",
            "prune_and_check", "state_digest", "analyze_model", "units_of", "frozen_of", "channel_recipe"]
 

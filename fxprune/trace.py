@@ -134,7 +134,7 @@ def unwrap(model: nn.Module) -> tuple[nn.Module, list[str]]:
 
 
 def trace(model: nn.Module, leaf_modules: Sequence[str] = (), autowrap_functions: Iterable[Callable] = (),
-          example_inputs: Any = None, strict: bool = False) -> fx.GraphModule:
+          example_inputs: Any = None, strict: bool = False, stack_traces: bool = False) -> fx.GraphModule:
     """Symbolically trace ``model`` (which is not modified) into a ``GraphModule``.
 
     Plain torch.fx tracing is tried first. With ``example_inputs`` (a tensor, a tuple or a dict of keyword inputs),
@@ -152,6 +152,8 @@ def trace(model: nn.Module, leaf_modules: Sequence[str] = (), autowrap_functions
         autowrap_functions: free functions to record as single nodes.
         example_inputs: the inputs the model will be run with (enables capture with concrete metadata).
         strict: with ``example_inputs``, raise on the first untraceable submodule instead of making it a leaf.
+        stack_traces: record each node's source lines in ``node.stack_trace`` (``output="module"`` names them when
+            it refuses a graph constant); the graph is the same either way.
 
     Raises:
         TraceFailure: naming the module and source line that broke tracing, and how to mark it as a leaf.
@@ -162,22 +164,24 @@ def trace(model: nn.Module, leaf_modules: Sequence[str] = (), autowrap_functions
     timm_norm.register()  # rules for timm's norm+act layers, which its no-trace registries keep whole
     attention.register_timm()  # timm's attention-mask helpers (manual attention path)
     if example_inputs is not None and not plain_signature(model, example_inputs):
-        return capture(model, example_inputs, leaf_modules, autowrap_functions, strict)
+        return capture(model, example_inputs, leaf_modules, autowrap_functions, strict, stack_traces)
     concrete = unbound_defaults(model, example_inputs) or None
     tracer = PruneTracer(leaf_modules, autowrap_functions)
+    tracer.record_stack_traces = stack_traces
     try:
         graph = tracer.trace(model, concrete)
     except Exception as first:  # torch.fx raises many kinds of errors from user code
         graph, exc = None, first
         if _timm_notrace() != (set(), set()):  # retry keeping timm's no-trace modules whole (they stay unpruned)
             tracer = PruneTracer(leaf_modules, autowrap_functions, use_timm_registries=True)
+            tracer.record_stack_traces = stack_traces
             try:
                 graph = tracer.trace(model, concrete)
             except Exception as second:
                 exc = second
     if graph is None and example_inputs is not None:
         log.debug("plain torch.fx tracing failed (%s); capturing with concrete metadata", exc)
-        return capture(model, example_inputs, leaf_modules, autowrap_functions, strict)
+        return capture(model, example_inputs, leaf_modules, autowrap_functions, strict, stack_traces)
     if graph is None:
         where = tracer.failed_in or ""
         if where:

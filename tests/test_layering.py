@@ -28,7 +28,7 @@ RANKS = {
     "kernels": 1, "progress": 1, "nn": 2,
     "ops": 3,
     "analysis": 4, "trace": 4, "plan": 4, "inputs": 4,
-    "work": 5, "criteria": 5, "passes": 5, "capture": 5,
+    "work": 5, "criteria": 5, "passes": 5, "capture": 5, "latency": 5,
     "planner": 6, "recover": 6,
     "stages": 7,
     "recipe": 8,

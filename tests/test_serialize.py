@@ -152,3 +152,19 @@ def test_errors_name_the_problem(resnet18: nn.Module, tmp_path: Path) -> None:
         fxprune.save(resnet18, tmp_path / "unpruned.fxp")
     with pytest.raises(TypeError, match="zero-argument constructor"):
         fxprune.load(path, "resnet18", X)
+
+
+def test_module_mode_round_trip_returns_the_users_class(tmp_path: Path) -> None:
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    pruned = fxprune.compile(model, RECIPE, example_inputs=X, output="module")
+    with torch.no_grad():  # stands in for fine-tuning
+        for p in pruned.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    path = fxprune.save(pruned, tmp_path / "resnet18.fxp")
+    assert read_metadata(path)["output"] == "module"
+    again = fxprune.load(path, lambda: torchvision.models.resnet18(num_classes=10))
+    assert type(again) is torchvision.models.ResNet and again.fxprune_output == "module"
+    assert not again.training
+    with torch.no_grad():
+        torch.testing.assert_close(again(X), pruned(X))
+        assert again(torch.randn(1, 3, 48, 48)).shape == (1, 10)  # no shape guard: the model's own forward

@@ -141,7 +141,8 @@ def drop_dead_metadata(graph: fx.Graph) -> None:
 
 
 def capture(model: nn.Module, example_inputs: Any, leaf_modules: Sequence[str] = (),
-            autowrap_functions: Iterable[Callable] = (), strict: bool = False) -> fx.GraphModule:
+            autowrap_functions: Iterable[Callable] = (), strict: bool = False,
+            stack_traces: bool = False) -> fx.GraphModule:
     """Trace ``model`` (not modified) bound to ``example_inputs`` with concrete metadata; see the module docstring.
 
     The result checks its guards on every call and carries ``CaptureInfo`` in ``gm.meta['fxprune_capture']``.
@@ -151,6 +152,7 @@ def capture(model: nn.Module, example_inputs: Any, leaf_modules: Sequence[str] =
     notes: list[LeafNote] = []
     while True:
         tracer = ConcreteTracer(bound, tuple(leaf_modules), auto, tuple(autowrap_functions))
+        tracer.record_stack_traces = stack_traces  # source lines on the nodes (``output="module"`` refusals)
         state = _snapshot(model)
         try:
             graph = tracer.trace(model)

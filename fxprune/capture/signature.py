@@ -7,7 +7,6 @@ as ``return_dict`` run as ordinary Python.
 """
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -15,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..defaults import forward_parameters, plain_signature
 from ..errors import ExampleInputsError
 
 
@@ -50,11 +50,8 @@ def bind_inputs(model: nn.Module, example_inputs: Any) -> BoundInputs:
 
     Raises ``ExampleInputsError`` naming the parameter when the inputs do not fit the signature.
     """
-    try:
-        sig = inspect.signature(model.forward)  # follows functools.wraps to the decorated forward
-    except (TypeError, ValueError):
-        sig = None
-    params = list(sig.parameters.values()) if sig is not None else []
+    found = forward_parameters(model)
+    params = found or []
     var_kw = any(p.kind is p.VAR_KEYWORD for p in params)
     taken: set[str] = set()
     if isinstance(example_inputs, dict):
@@ -62,7 +59,7 @@ def bind_inputs(model: nn.Module, example_inputs: Any) -> BoundInputs:
         for key in example_inputs:
             if not isinstance(key, str):
                 raise ExampleInputsError(f"example_inputs dict keys must be argument names, got {key!r}")
-            if sig is not None and key not in known and not var_kw:
+            if found is not None and key not in known and not var_kw:
                 raise ExampleInputsError(f"example_inputs names '{key}', which {type(model).__name__}.forward does "
                                          f"not take (its parameters: {', '.join(p.name for p in params)})")
         names = tuple(_identifier(k, taken) for k in example_inputs)
@@ -72,7 +69,7 @@ def bind_inputs(model: nn.Module, example_inputs: Any) -> BoundInputs:
     for i in range(len(values)):
         if i < len(params) and params[i].kind in (params[i].POSITIONAL_ONLY, params[i].POSITIONAL_OR_KEYWORD):
             names_list.append(_identifier(params[i].name, taken))
-        elif sig is None or any(p.kind is p.VAR_POSITIONAL for p in params[:i + 1]):
+        elif found is None or any(p.kind is p.VAR_POSITIONAL for p in params[:i + 1]):
             names_list.append(_identifier(f"args_{i}", taken))
         else:
             raise ExampleInputsError(f"{type(model).__name__}.forward takes at most {i} positional inputs "
@@ -81,14 +78,4 @@ def bind_inputs(model: nn.Module, example_inputs: Any) -> BoundInputs:
     return BoundInputs(tuple(names_list), values, len(values), ())
 
 
-def plain_signature(model: nn.Module, example_inputs: Any) -> bool:
-    """Whether plain torch.fx tracing binds these inputs as the model expects: positional inputs to a forward
-    without ``*args``/``**kwargs``."""
-    if isinstance(example_inputs, dict):
-        return False
-    try:
-        params = inspect.signature(model.forward).parameters.values()
-    except (TypeError, ValueError):
-        return False
-    return not any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in params)
-
+__all__ = ["BoundInputs", "bind_inputs", "plain_signature"]

@@ -22,7 +22,9 @@ class ScoreContext:
     """What a criterion or stage may use besides the graph.
 
     ``data``: calibration data (an iterable of input batches, or of ``(inputs, labels)`` pairs);
-    ``evaluate(model) -> float`` and ``finetune(model, step)``: user callbacks from ``fxprune.compile``.
+    ``evaluate(model) -> float`` and ``finetune(model, step)``: user callbacks from ``fxprune.compile``;
+    ``analysis_options``: options every stage adds to its own analysis options (and records in its plan), e.g.
+    ``{"chunks": "even"}`` from ``output="module"``.
     """
 
     seed: int = 0
@@ -31,6 +33,7 @@ class ScoreContext:
     evaluate: Any = None
     finetune: Any = None
     options: dict[str, Any] = field(default_factory=dict)
+    analysis_options: dict[str, Any] = field(default_factory=dict)
 
 
 class Criterion(Protocol):

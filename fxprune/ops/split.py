@@ -21,12 +21,23 @@ def _items(node: fx.Node, c: Coupling) -> list[Port]:
     return [c.port(node, i) for i in range(len(spec))] if isinstance(spec, tuple) else []
 
 
+def _equal_items(node: fx.Node, items: list[Port], dim: int) -> bool:
+    """Whether ``node`` cuts equal items by a count or an int size (``chunk(2)``, ``split(c)``), not by a list."""
+    sizes = arg(node, 1, "split_size_or_sections", arg(node, 1, "chunks", arg(node, 1, "split_size")))
+    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+    if name == "split_with_sizes" or name != "chunk" and not isinstance(sizes, int):
+        return False
+    return len({y.shape[dim] for y in items}) == 1
+
+
 @register_op(torch.split, torch.chunk, torch.tensor_split, "split", "chunk", "tensor_split", "split_with_sizes")
 class SplitRule(OpRule):
     """Each output item takes a consecutive range of the input along the split dim.
 
     The rewrite turns every variant into ``torch.split(x, sizes, dim)`` with the shrunk sizes, since pruned chunks
-    need not stay equal.
+    need not stay equal. Under the analysis option ``{"chunks": "even"}`` (``output="module"``: the user's forward
+    still calls ``chunk(n)``), the equal items of a ``chunk`` or of an int-sized ``split`` are paired slot by slot,
+    so they lose the same channels and stay equal.
     """
 
     name = "split"
@@ -48,6 +59,9 @@ class SplitRule(OpRule):
                     c.tie_dims(x, d, y, d)
             c.tie(x.space(dim), y.space(dim), offset + arange(n), arange(n))
             offset += n
+        if c.options.get("chunks") == "even" and _equal_items(node, items, dim):
+            for y in items[1:]:
+                c.tie(items[0].space(dim), y.space(dim), size=items[0].shape[dim])
 
     def rewrite_node(self, node: fx.Node, r: RewriteContext) -> None:
         items = len(spec_of(node))

@@ -145,6 +145,19 @@ def validate_patterns(value: Any, path: str) -> None:
         raise RecipeError(path, f"must be a list of module-path glob patterns, got {value!r}")
 
 
+def validate_round_to(value: Any, path: str) -> None:
+    """An integer >= 1, ``"auto"``, or a mapping of group keys to integers >= 1."""
+    if value == "auto":
+        return
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if not isinstance(k, str) or isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise RecipeError(f"{path}.{k}", f"a group's step must be an integer >= 1, got {v!r}")
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise RecipeError(path, f"must be an integer >= 1, 'auto', or a mapping of group keys to steps, got {value!r}")
+
+
 def validate_counts(stage: Any, path: str, names: tuple[str, ...]) -> None:
     """Each field in ``names`` is an integer >= 1."""
     for name in names:
@@ -210,23 +223,32 @@ class PruningStage(Stage):
 
 @dataclass
 class ChannelPruningStage(PruningStage):
-    """A pruning stage that removes channel units through the ``Planner``: adds ``round_to`` and ``seed``.
+    """A pruning stage that removes channel units through the ``Planner``: adds ``round_to`` and ``seed``, and the
+    ``latency`` target (``{"latency": f}``: remove the fraction ``f`` of the model's latency measured on the example
+    inputs' device, dtype and batch size at the current thread count; see ``stages/latency_target.py``).
 
     Fields:
-        round_to: kept units per group rounded up to a multiple of this.
+        round_to: kept units per group rounded up to a multiple of this; ``"auto"``: per group, the width step where
+            its heaviest layer's measured latency curve has its steps (recorded in ``Plan.round_to``); or a mapping
+            group key -> step (the form ``Plan.round_to`` records: replays an ``auto`` choice without measuring).
         seed: seed of random criteria.
     """
 
-    round_to: int = 1
+    round_to: Any = 1
     seed: int = 0
+    TARGETS: ClassVar[tuple[str, ...]] = ("sparsity", "flops", "params", "latency")
 
     def budget(self) -> Budget:
-        """What the ``Planner`` needs of this stage (subclasses add their ``scope`` and module families)."""
-        return Budget(max_sparsity=float(self.max_sparsity), round_to=self.round_to)
+        """What the ``Planner`` needs of this stage (subclasses add their ``scope`` and module families);
+        ``round_to: "auto"`` is resolved by the stage run (``latency_target.resolve_budget``)."""
+        r = self.round_to
+        if isinstance(r, dict):
+            return Budget(max_sparsity=float(self.max_sparsity), group_round_to={k: int(v) for k, v in r.items()})
+        return Budget(max_sparsity=float(self.max_sparsity), round_to=r if isinstance(r, int) else 1)
 
     def validate_budget(self, path: str) -> None:
         super().validate_budget(path)
-        validate_counts(self, path, ("round_to",))
+        validate_round_to(self.round_to, f"{path}.round_to")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise RecipeError(f"{path}.seed", f"must be an integer, got {self.seed!r}")
 
@@ -260,4 +282,5 @@ class RecoveringStage(ChannelPruningStage):
 
 
 __all__ = ["Stage", "PruningStage", "ChannelPruningStage", "RecoveringStage", "register_stage", "stage_class",
-           "stage_kinds", "check_fields", "fraction", "is_number", "validate_patterns", "validate_counts"]
+           "stage_kinds", "check_fields", "fraction", "is_number", "validate_patterns", "validate_counts",
+           "validate_round_to"]

@@ -22,9 +22,10 @@ from ..errors import RecipeError
 from ..ir.space import Space
 from ..passes.shrink_channels import ShrinkChannels
 from ..plan import Plan
-from ..planner import Budget, Planner
+from ..planner import Budget, Planner, group_key
 from ..recover import stage_begin, stage_finish
 from .base import ChannelPruningStage, RecoveringStage, register_stage, validate_counts
+from .latency_target import corrected, latency_table, resolve_budget
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +37,9 @@ class ChannelStage(RecoveringStage):
 
     Fields:
         target: exactly one of ``{"sparsity": s}`` (fraction of each group's / all units removed),
-            ``{"flops": f}`` (fraction of MACs removed) or ``{"params": p}`` (fraction of parameters removed).
+            ``{"flops": f}`` (fraction of MACs removed), ``{"params": p}`` (fraction of parameters removed) or
+            ``{"latency": l}`` (fraction of the latency measured on the example inputs removed: planned on a
+            measured per-layer lookup table, then checked end to end; ``stages/latency_target.py``).
         criterion: name of a registered criterion (``l1``, ``l2``, ``bn_scale``, ``random``, ...).
         scope: ``local`` (same rate in every group), ``global`` (one ranking across groups, scores normalized
             by each group's mean) or ``module`` (one ranking and the same rate per module family, raw scores).
@@ -44,7 +47,8 @@ class ChannelStage(RecoveringStage):
             "*.fc2"]}``); a group belongs to the first family naming a layer that produces its channels (else one
             that reads them). Groups in no family are not pruned.
         ignore: glob patterns of module paths whose channels must not change.
-        round_to: kept units per group rounded up to a multiple of this (channel-aware for grouped convs).
+        round_to: kept units per group rounded up to a multiple of this (channel-aware for grouped convs); ``"auto"``:
+            per group, where its measured latency curve steps (recorded in ``Plan.round_to``).
         steps: prune in this many equal steps, re-scoring in between.
         max_sparsity: at most this fraction of a group's units is removed.
         seed: seed of random criteria.
@@ -126,22 +130,35 @@ def prune_channels(gm: fx.GraphModule, stage: ChannelPruningStage, ctx: ScoreCon
         groups: which groups of an analysis may lose units (e.g. the attention-head groups); default all.
     """
     ctx = dataclasses.replace(ctx, seed=stage.seed)
+    options = {**ctx.analysis_options, **options}
     inputs = ctx.example_inputs
     criterion = get_criterion(stage.criterion)
     dense = stage_begin(gm, stage, ctx)  # a copy before pruning when the stage has ``recover``
     plan = Plan()
-    base: dict[str, int] = {}
+    base: dict[str, float] = {}
+    kind = stage.target_kind
     for step in range(1, steps + 1):
         a = analyze(gm, stage.ignore, options)
+        table = None
+        if kind == "latency" or (stage.round_to == "auto" and step == 1):
+            table = latency_table(a, budget, inputs, calibrate=kind == "latency")
+        wanted = groups(a) if groups is not None else None
+        if step == 1:
+            budget = resolve_budget(a, budget, stage.round_to, table, wanted)
         planner = Planner(a, criterion.score(a, ctx), budget, _removed_before(a, plan),
                           normalize=not getattr(criterion, "comparable_across_groups", False),
-                          groups=groups(a) if groups is not None else None)
+                          groups=wanted, latency=table)
         if groups is not None and not planner.orders:
             log.warning("%s stage: nothing of this kind is prunable in this model", stage.kind)
-        base = base or {"macs": planner.counter.base_macs, "params": planner.counter.total_params}
+        base = base or {"macs": planner.counter.base_macs, "params": planner.counter.total_params,
+                        "latency": table.base_ms if table is not None and kind == "latency" else 0.0}
         goal = stage.target_value * step / steps
-        kind = stage.target_kind
-        if kind == "sparsity" and budget.scope == "local":
+        stats: dict[str, float] = {}
+        if kind == "latency":
+            assert table is not None
+            rel = max(0.0, 1 - (1 - goal) * base["latency"] / table.base_ms) if table.base_ms else 0.0
+            removed, stats = corrected(gm, planner, planner.solve(kind, rel), rel, inputs)
+        elif kind == "sparsity" and budget.scope == "local":
             rel = goal  # local fractions count the units earlier steps removed
         elif kind == "sparsity":
             done = stage.target_value * (step - 1) / steps
@@ -150,10 +167,14 @@ def prune_channels(gm: fx.GraphModule, stage: ChannelPruningStage, ctx: ScoreCon
             metric = "macs" if kind == "flops" else "params"
             now = planner.counter.base_macs if metric == "macs" else planner.counter.total_params
             rel = max(0.0, 1 - (1 - goal) * base[metric] / now) if now else 0.0
-        removed = planner.solve(kind, rel)
+        if kind != "latency":
+            removed = planner.solve(kind, rel)
         step_plan = planner.plan(removed)
-        step_plan.stats = {**planner.counter.count(planner.new_sizes(removed)), "step": step}
+        step_plan.stats = {**planner.counter.count(planner.new_sizes(removed)), "step": step, **stats}
         step_plan.options = dict(options)
+        if stage.round_to == "auto":
+            step_plan.round_to = {group_key(a, o.group): int(budget.group_round_to.get(group_key(a, o.group), 1))
+                                  for o in planner.orders}
         log.info("stage %s step %d/%d: %d units removed", stage.kind, step, steps, len(removed))
         ShrinkChannels(step_plan, inputs, a)(gm)
         plan = plan.compose(step_plan)

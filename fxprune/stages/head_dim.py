@@ -60,6 +60,8 @@ class HeadDimStage(HeadStage):
         """Shrink head dims as this stage says; returns a plan holding one ``head_dim`` rewrite entry."""
         plan = prune_channels(gm, self, ctx, self.budget(), steps=self.steps, options=OPTIONS, groups=head_dim_groups)
         entry = {"pass": "head_dim", "kept": plan.kept, "sizes": plan.sizes}
+        if plan.options != OPTIONS:  # module mode adds its own analysis options (``{"chunks": "even"}``)
+            entry["options"] = dict(plan.options)
         return Plan(groups=plan.groups, frozen=plan.frozen, stats=plan.stats, rewrites=[entry])
 
 
@@ -68,7 +70,8 @@ def replay_head_dim(gm: fx.GraphModule, entry: dict, example_inputs: tuple) -> N
     """Re-apply a ``head_dim`` entry: shapes re-recorded (earlier rewrites changed them), then the channel shrink
     under the head-dim analysis option."""
     record_shapes(gm, example_inputs)
-    ShrinkChannels(Plan(kept=entry["kept"], sizes=entry["sizes"], options=dict(OPTIONS)), example_inputs)(gm)
+    ShrinkChannels(Plan(kept=entry["kept"], sizes=entry["sizes"], options={**OPTIONS, **entry.get("options", {})}),
+                  example_inputs)(gm)
 
 
 __all__ = ["HeadDimStage", "head_dim_groups", "replay_head_dim"]

@@ -19,6 +19,7 @@ Example:
 """
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -87,8 +88,7 @@ class HeadStage(RecoveringStage):
 
     def budget(self) -> Budget:
         """``round_to`` counts heads (units), not channels."""
-        return Budget(scope=self.scope, max_sparsity=float(self.max_sparsity), round_to=self.round_to,
-                      round_units=True)
+        return dataclasses.replace(super().budget(), scope=self.scope, round_units=True)
 
     def run(self, gm: fx.GraphModule, ctx: ScoreContext) -> Plan:
         """Remove heads as this stage says; returns the composed channel plan (original indices)."""

@@ -33,11 +33,13 @@ from .. import distributed
 from ..analysis import Analysis, analyze
 from ..criteria import ScoreContext, get_criterion
 from ..errors import FxPruneError, RecipeError
+from ..latency import model_ms
 from ..passes.shrink_channels import ShrinkChannels
 from ..plan import Plan
-from ..planner import Planner
+from ..planner import Planner, group_key
 from ..recover import stage_begin, stage_finish
 from .base import RecoveringStage, is_number, register_stage, validate_counts
+from .latency_target import latency_table, resolve_budget
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +50,9 @@ class IterativeStage(RecoveringStage):
     """Prune the most profitable groups step by step, measured by ``evaluate``, fine-tuning after each step.
 
     Fields:
-        target: ``{"flops": f}`` or ``{"params": p}``: the fraction of MACs / parameters to remove in all.
+        target: ``{"flops": f}``, ``{"params": p}`` or ``{"latency": l}``: the fraction of MACs / parameters /
+            measured latency to remove in all (latency: savings and progress are the per-layer lookup table's
+            predictions, calibrated end to end each step; the final plan's measured ratio is in its stats).
         criterion: orders the channels inside a group (``l2`` as in the paper; any registered criterion).
         rates: fractions of a group's prunable units tried in the sensitivity sweep.
         alpha: exponent of the metric in ``saving * metric ** alpha``; ``alpha_decay`` is subtracted each step.
@@ -64,7 +68,7 @@ class IterativeStage(RecoveringStage):
     alpha_decay: float = 1.0
     layers_per_step: int = 5
     steps: int = 14
-    TARGETS: ClassVar[tuple[str, ...]] = ("flops", "params")
+    TARGETS: ClassVar[tuple[str, ...]] = ("flops", "params", "latency")
 
     def validate(self, path: str) -> None:
         self.validate_target(path)
@@ -80,7 +84,7 @@ class IterativeStage(RecoveringStage):
 
     @property
     def metric(self) -> str:
-        return "macs" if self.target_kind == "flops" else "params"
+        return {"flops": "macs", "params": "params"}.get(self.target_kind, self.target_kind)
 
     def run(self, gm: fx.GraphModule, ctx: ScoreContext) -> Plan:
         return run_iterative_stage(gm, self, ctx)
@@ -155,10 +159,16 @@ def run_iterative_stage(gm: fx.GraphModule, stage: IterativeStage, ctx: ScoreCon
     criterion = get_criterion(stage.criterion)
     budget = stage.budget()
     plan, base, alpha, met = Plan(), None, float(stage.alpha), False
+    dense_gm = copy.deepcopy(gm) if stage.metric == "latency" else None
     for step in range(1, stage.steps + 1):
-        a = analyze(gm, stage.ignore)
-        planner = Planner(a, criterion.score(a, ctx), budget)
-        now = planner.counter.base_macs if stage.metric == "macs" else planner.counter.total_params
+        a = analyze(gm, stage.ignore, ctx.analysis_options)
+        table = None
+        if stage.metric == "latency" or (stage.round_to == "auto" and step == 1):
+            table = latency_table(a, budget, inputs, calibrate=stage.metric == "latency")
+        if step == 1:
+            budget = resolve_budget(a, budget, stage.round_to, table, None)
+        planner = Planner(a, criterion.score(a, ctx), budget, latency=table)
+        now = _amount(planner, stage.metric, {})
         base = base if base is not None else now
         need = 1 - (1 - stage.target_value) * base / now if now else 0.0
         if need <= 1e-12:
@@ -170,8 +180,13 @@ def run_iterative_stage(gm: fx.GraphModule, stage: IterativeStage, ctx: ScoreCon
             log.warning("iterative: step %d found nothing left to prune", step)
             break
         step_plan = planner.plan(removed)
-        counts = planner.counter.count(planner.new_sizes(removed))
+        counts = {**planner.counter.count(planner.new_sizes(removed)),
+                  stage.metric: _amount(planner, stage.metric, planner.new_sizes(removed))}
         step_plan.stats = {**counts, "step": step}
+        if stage.round_to == "auto":
+            step_plan.round_to = {group_key(a, o.group): int(budget.group_round_to.get(group_key(a, o.group), 1))
+                                  for o in planner.orders}
+        step_plan.options = dict(ctx.analysis_options)
         dense = stage_begin(gm, stage, ctx)  # the step's dense reference when the stage has ``recover``
         ShrinkChannels(step_plan, inputs, a)(gm)
         stage_finish(dense, gm, step_plan, stage, ctx)
@@ -190,7 +205,20 @@ def run_iterative_stage(gm: fx.GraphModule, stage: IterativeStage, ctx: ScoreCon
         log.warning("iterative: target %s %.3f not met after %d steps", stage.target_kind, stage.target_value,
                     stage.steps)
     plan.stats = {**plan.stats, "target_met": int(met)}
+    if dense_gm is not None:  # what the lookup table's plan measures end to end
+        dense_ms, pruned_ms = model_ms([dense_gm, gm], inputs)
+        plan.stats = {**plan.stats, "latency_base_ms": dense_ms, "latency_measured_ms": pruned_ms,
+                      "latency_measured_ratio": pruned_ms / dense_ms if dense_ms else 1.0,
+                      "latency_requested_ratio": 1 - stage.target_value}
     return plan
+
+
+def _amount(planner: Planner, metric: str, new_sizes: dict) -> float:
+    """MACs, parameters or predicted milliseconds of the planner's graph at ``new_sizes``."""
+    if metric == "latency":
+        assert planner.latency is not None
+        return planner.latency.predict(new_sizes)
+    return planner.counter.count(new_sizes)[metric]
 
 
 __all__ = ["IterativeStage", "run_iterative_stage"]

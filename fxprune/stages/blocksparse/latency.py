@@ -2,9 +2,10 @@
 
 LPViT adds a per-layer power/latency term so that layers whose blocks cost more *time* are pruned more. Our
 extension measures it: the dense ``F.linear`` of each chosen layer, at the tokens it sees, on the device and dtype
-of its weight (median of a few timed runs after a warm-up). Results are cached in memory and in a JSON table
-(``$FXPRUNE_CACHE_DIR/latency.json``, default ``~/.cache/fxprune``), keyed by device name, dtype, thread count
-and shape, so a shape is timed once per machine.
+of its weight (median of interleaved timed runs after a warm-up). Results go through the shared latency cache
+(``fxprune.latency.cache``: in memory and in ``$FXPRUNE_CACHE_DIR/latency.json``, default ``~/.cache/fxprune``),
+keyed by device name, dtype, thread count and shape, so a shape is timed once per machine; the ``latency`` target's
+lookup tables live in the same file.
 
 The allocation uses each layer's *time per MAC* relative to the MAC-weighted mean over the chosen layers,
 ``e_l``: a block's distortion is divided by ``e_l ** latency`` (``latency = 0``: off; ``1``: distortion per unit of
@@ -12,93 +13,49 @@ time saved rather than per MAC). The budget itself stays in MACs or blocks.
 """
 from __future__ import annotations
 
-import json
 import logging
-import os
-import statistics
-import time
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from ...latency import cache
+from ...latency.cache import cache_path
 from .layers import LinearLayer
 
 log = logging.getLogger(__name__)
 _MEMORY: dict[str, float] = {}
 
 
-def cache_path() -> Path:
-    return Path(os.environ.get("FXPRUNE_CACHE_DIR", Path.home() / ".cache" / "fxprune")) / "latency.json"
-
-
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"cuda:{torch.cuda.get_device_name(device)}"
-    return f"{device.type}:{torch.get_num_threads()}threads"
-
-
 def table_key(device: torch.device, dtype: torch.dtype, tokens: int, out_features: int, in_features: int) -> str:
-    return f"{_device_name(device)}|{str(dtype).replace('torch.', '')}|linear|{tokens}x{in_features}->{out_features}"
+    return f"{cache.key_prefix(device, dtype)}|linear|{tokens}x{in_features}->{out_features}"
 
 
-def _load() -> dict[str, float]:
-    path = cache_path()
-    try:
-        data = json.loads(path.read_text()) if path.is_file() else {}
-    except (OSError, json.JSONDecodeError):
-        log.warning("ignoring an unreadable latency table at %s", path)
-        data = {}
-    return {k: float(v) for k, v in data.items() if isinstance(v, (int, float))}
-
-
-def _store(table: dict[str, float]) -> None:
-    path = cache_path()
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(table, indent=1, sort_keys=True))
-        tmp.replace(path)
-    except OSError as exc:  # a read-only home must not stop pruning
-        log.warning("could not write the latency table %s: %s", path, exc)
+def _linear_call(tokens: int, out_features: int, in_features: int, device: torch.device, dtype: torch.dtype):
+    x = torch.randn(tokens, in_features, device=device, dtype=dtype)
+    w = torch.randn(out_features, in_features, device=device, dtype=dtype)
+    return lambda: F.linear(x, w)
 
 
 def time_linear(tokens: int, out_features: int, in_features: int, device: torch.device, dtype: torch.dtype,
                 runs: int = 7) -> float:
     """Median milliseconds of ``F.linear`` on ``[tokens, in] x [out, in]^T`` (synchronised on CUDA)."""
-    x = torch.randn(tokens, in_features, device=device, dtype=dtype)
-    w = torch.randn(out_features, in_features, device=device, dtype=dtype)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    times = []
-    with torch.inference_mode():
-        for i in range(runs + 2):
-            sync()
-            start = time.perf_counter()
-            F.linear(x, w)
-            sync()
-            if i >= 2:  # two warm-up runs
-                times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+    call = _linear_call(tokens, out_features, in_features, device, dtype)
+    return cache.interleaved_ms([call], device, warmup=2, repeats=runs)[0]
 
 
 def layer_latencies(layers: Sequence[LinearLayer]) -> list[float]:
     """Measured dense milliseconds of every layer, from the cache when present (then stored back)."""
-    table = None
-    out = []
+    probes, keys = {}, []
     for layer in layers:
         w = layer.module.weight
-        key = table_key(w.device, w.dtype, layer.tokens, layer.module.out_features, layer.module.in_features)
-        if key not in _MEMORY:
-            table = _load() if table is None else table
-            if key not in table:
-                table[key] = time_linear(layer.tokens, layer.module.out_features, layer.module.in_features,
-                                         w.device, w.dtype)
-                log.debug("latency table: %s = %.3f ms (measured)", key, table[key])
-                _store(table)
-            _MEMORY[key] = table[key]
-        out.append(_MEMORY[key])
-    return out
+        shape = (layer.tokens, layer.module.out_features, layer.module.in_features)
+        key = table_key(w.device, w.dtype, *shape)
+        probes[key] = (lambda shape=shape, w=w: _linear_call(*shape, w.device, w.dtype))
+        keys.append(key)
+    device = layers[0].module.weight.device if layers else torch.device("cpu")
+    got = cache.measure_cached(probes, device, memory=_MEMORY, repeats=7)
+    return [got[k] for k in keys]
 
 
 def efficiency_factors(layers: Sequence[LinearLayer], latencies: Sequence[float]) -> list[float]:
@@ -106,3 +63,6 @@ def efficiency_factors(layers: Sequence[LinearLayer], latencies: Sequence[float]
     macs = [layer.n_blocks * layer.block_macs for layer in layers]
     mean = sum(latencies) / sum(macs)
     return [(t / m) / mean if m and mean > 0 else 1.0 for t, m in zip(latencies, macs)]
+
+
+__all__ = ["cache_path", "table_key", "time_linear", "layer_latencies", "efficiency_factors"]

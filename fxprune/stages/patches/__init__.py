@@ -5,6 +5,7 @@
 * the rewrite itself is ``gather.GatherPatches`` (registered as the ``patches`` plan rewrite); where it goes is
   found by ``locate``; ``attention: "gathered"`` fuses the gather into the first attention (``fuse_attention``).
 """
+from . import module  # noqa: F401  (registers the module-mode form of the rewrite)
 from .proposal import DEFAULT_PROPOSAL, UnknownProposal, build_proposal, register_proposal, registered_proposals
 from .select import PatchSignificance, gather_positions, gather_tokens, keep_count, scatter_positions, select_tokens
 from .stage import PatchStage

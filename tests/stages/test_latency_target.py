@@ -1,0 +1,144 @@
+"""``target: {"latency": f}`` and ``round_to: "auto"``: the planner on a synthetic lookup table, the end-to-end
+stage on small real models (masked == shrunk), the auto steps recorded in and replayed from the plan, the report,
+the command line. No wall-clock speed is asserted here (speed targets live in bench/bench_latency_target.py)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from fixtures import ResCatNet
+from timm.models.vision_transformer import Attention
+from torch import nn
+
+import fxprune
+from fxprune.analysis import analyze
+from fxprune.cli import target_spec
+from fxprune.criteria import ScoreContext, get_criterion
+from fxprune.errors import BudgetError, RecipeError
+from fxprune.latency import LatencyTable
+from fxprune.plan import Plan
+from fxprune.planner import Budget, Planner
+from fxprune.testing import channel_recipe, prune_and_check
+from fxprune.trace import record_shapes, trace
+from fxprune.work import count_work
+
+X = torch.randn(2, 3, 16, 16)
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch) -> None:
+    from fxprune.latency import cache
+
+    monkeypatch.setenv("FXPRUNE_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(cache, "MEMORY", {})
+
+
+def rescat() -> nn.Module:
+    torch.manual_seed(0)
+    return ResCatNet(width=32, fuse=32, classes=10).eval()
+
+
+def synthetic(model, a: int, b: int) -> float:
+    return 1e-3 * a * max(b, 1)
+
+
+def _true_ms(m: nn.Module) -> float:
+    """The synthetic latency of a (pruned) module, from its layers' widths."""
+    return sum(1e-3 * (c.out_channels if isinstance(c, nn.Conv2d) else c.out_features)
+               * (c.in_channels if isinstance(c, nn.Conv2d) else c.in_features)
+               for c in m.modules() if isinstance(c, (nn.Conv2d, nn.Linear)))
+
+
+@pytest.mark.parametrize("target", [0.2, 0.45])
+def test_planner_meets_a_latency_budget_on_a_synthetic_table_exactly(target: float) -> None:
+    from fxprune.passes.shrink_channels import ShrinkChannels
+
+    model = rescat()
+    dense_ms = _true_ms(model)
+    gm = trace(model, example_inputs=(X,))  # shares (and the shrink below changes) the model's modules
+    record_shapes(gm, (X,))
+    a = analyze(gm)
+    table = LatencyTable(a, measure=synthetic)
+    planner = Planner(a, get_criterion("l2").score(a, ScoreContext(example_inputs=(X,))), Budget(), latency=table)
+    removed = planner.solve("latency", target)
+    reached = planner.reduction(removed, "latency")
+    # one unit more than needed at most: the smallest overshoot a unit-by-unit greedy can make
+    unit = max(1e-3 * 32 * 3 * 2, 1e-3 * 32 * 48) / table.base_ms
+    assert target <= reached < target + unit
+    ShrinkChannels(planner.plan(removed), (X,), a)(gm)
+    assert np.isclose(_true_ms(gm) / dense_ms, 1 - reached)  # the prediction is the synthetic truth
+    with pytest.raises(BudgetError, match="latency target"):
+        planner.solve("latency", 0.99)
+
+
+def test_latency_target_end_to_end_meets_its_predicted_budget_and_masked_equals_shrunk() -> None:
+    model = rescat()
+    x = torch.randn(1, 3, 64, 64)  # big enough that the convolutions, not the Python overhead, take the time
+    pruned = prune_and_check(model, channel_recipe(0.3, "latency", round_to=4), x)
+    stats = pruned.fxprune_plan.stats
+    assert stats["latency_requested_ratio"] == pytest.approx(0.7)
+    assert stats["latency_predicted_ratio"] <= stats["latency_planned_ratio"] + 1e-9
+    assert 0 <= stats["latency_corrections"] <= 3 and stats["latency_measured_ms"] > 0
+    assert stats["latency_table_s"] >= 0 and stats["macs"] < count_work(model, x)["macs"]
+    for m in pruned.modules():
+        if isinstance(m, nn.Conv2d) and m.out_channels not in (10, 32):
+            assert m.out_channels % 4 == 0
+    rep = fxprune.report(model, pruned, x, measure_latency=True)
+    assert rep.latency_ms is not None and rep.predicted_ms is not None
+    assert "measured" in str(rep) and "predicted" in str(rep)
+
+
+def test_round_to_auto_is_recorded_in_the_plan_and_replayed_from_it(tmp_path) -> None:
+    model = rescat()
+    pruned = prune_and_check(model, channel_recipe(0.4, "flops", round_to="auto"), X)
+    plan = pruned.fxprune_plan
+    assert plan.round_to and all(isinstance(v, int) and v >= 1 for v in plan.round_to.values())
+    assert Plan.from_json(plan.to_json()).round_to == plan.round_to
+    for group in plan.groups:
+        step = plan.round_to[min(group["params"])]
+        kept = group["units"] - group["removed"]
+        assert kept % step == 0 or group["removed"] == 0, (group, step)
+    # the recorded mapping as the recipe's round_to: the same plan, nothing re-measured
+    again = fxprune.compile(model, channel_recipe(0.4, "flops", round_to=dict(plan.round_to)), example_inputs=X)
+    assert again.fxprune_plan.kept == plan.kept
+    path = tmp_path / "m.fxp"
+    fxprune.save(pruned, path, example_inputs=X)
+    loaded = fxprune.load(path, rescat)
+    assert loaded.fxprune_plan.round_to == plan.round_to
+    torch.testing.assert_close(loaded(X), pruned(X))
+
+
+class Heads(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(8, 64)
+        self.attn = Attention(64, num_heads=8, qkv_bias=True)
+        self.head = nn.Linear(64, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head((x := self.embed(x)) + self.attn(x)).mean(1)
+
+
+def test_heads_and_iterative_take_a_latency_target() -> None:
+    torch.manual_seed(0)
+    tokens = torch.randn(2, 16, 8)
+    pruned = prune_and_check(Heads().eval(), {"stages": [{"kind": "heads", "target": {"latency": 0.2}}]}, tokens)
+    assert pruned.attn.qkv.out_features < 3 * 64 and "latency_measured_ratio" in pruned.fxprune_plan.stats
+    model = rescat()
+    probe = torch.randn(16, 3, 16, 16)
+    it = fxprune.compile(model, {"stages": [{"kind": "iterative", "target": {"latency": 0.3}, "steps": 3,
+                                             "layers_per_step": 2}]},
+                         example_inputs=X, evaluate=lambda m: float(m(probe).detach().softmax(1).max(1).values.mean()))
+    stats = it.fxprune_plan.stats
+    assert stats["latency"] <= 0.7 * stats["latency_base_ms"] * 1.5 and "latency_measured_ratio" in stats
+
+
+def test_recipe_fields_and_command_line() -> None:
+    r = fxprune.Recipe.load({"stages": [{"target": {"latency": 0.4}, "round_to": "auto"}]})
+    assert r.stages[0].target == {"latency": 0.4} and r.stages[0].round_to == "auto"
+    assert fxprune.Recipe.load(r.to_dict()) == r
+    with pytest.raises(RecipeError, match="round_to"):
+        fxprune.Recipe.load({"stages": [{"round_to": "fast"}]})
+    with pytest.raises(RecipeError, match="unknown target"):
+        fxprune.Recipe.load({"stages": [{"kind": "blocksparse", "target": {"latency": 0.4}}]})
+    assert target_spec("latency=0.4") == {"latency": 0.4}
