@@ -18,8 +18,9 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-def calibration_pass(items: Iterable[T], desc: str) -> Iterator[T]:
-    """Yield ``items`` under a progress bar named ``desc`` (rank 0, terminals only) and log the pass' timing."""
+def calibration_pass(items: Iterable[T], desc: str, unit: str = "batches") -> Iterator[T]:
+    """Yield ``items`` under a progress bar named ``desc`` (rank 0, terminals only) and log the pass' timing
+    (``unit``: what the items are, for the log)."""
     try:
         total: int | None = len(items)  # type: ignore[arg-type]
     except TypeError:  # a generator, or a DataLoader over an IterableDataset
@@ -34,7 +35,7 @@ def calibration_pass(items: Iterable[T], desc: str) -> Iterator[T]:
             yield item
     finally:
         bar.close()
-        log.info("calibration pass '%s': %d batches in %.2f s (rank %d of %d)", desc, n, time.perf_counter() - start,
+        log.info("calibration pass '%s': %d %s in %.2f s (rank %d of %d)", desc, n, unit, time.perf_counter() - start,
                  distributed.rank(), distributed.world_size())
 
 

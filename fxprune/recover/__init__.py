@@ -5,12 +5,14 @@
 * ``lstsq`` (``lstsq.py``): refit each consumer by ridge least squares to the dense model's output.
 
 They run on the stage's ``data`` after the stage's plan is applied, as ``bias``, then ``lstsq``, then ``bn``, in
-whatever order they are listed: ``bn`` re-estimates the statistics of the *final* weights once. A ``bn`` pass
-before ``bias`` would be overwritten exactly (the bias step reads only the dense model), and one before ``lstsq``
-is overwritten in effect (``lstsq`` hands every BatchNorm after a refit layer the dense model's statistics while it
-works; on the digits models both orders give the same accuracy), so it would only cost a pass. Every statistic
-streams (nothing of the calibration set is held) and is summed over ``torch.distributed`` ranks
-(``fxprune.distributed``).
+whatever order they are listed: ``bn`` re-estimates the statistics of the *final* weights once (a ``bn`` pass
+before ``bias`` would be overwritten exactly, since the bias step reads only the dense model).
+
+When the calibration activations fit in ``lstsq``'s ``cache_mb`` (2 GiB by default), ``sequential.py`` runs all
+three in one dense and one pruned pass: every layer is refit, and every BatchNorm re-estimated, on the activations
+of the model whose upstream layers are already final (exact sequential reconstruction). Otherwise ``lstsq``
+streams (``lstsq.py``: nothing of the calibration set is held, one pass per band of levels) and ``bn`` makes a
+pass of its own at the end. Every statistic is summed over ``torch.distributed`` ranks (``fxprune.distributed``).
 
 Example:
     >>> recipe = {"stages": [{"target": {"flops": 0.5}, "recover": ["bn", "bias", "lstsq"]}]}
@@ -32,6 +34,7 @@ from ..plan import Plan
 from . import bias as _bias
 from . import bn as _bn
 from . import lstsq as _lstsq
+from . import sequential as _sequential
 from .capture import eval_no_grad
 from .layers import Consumer, find_consumers
 from .lstsq import LstsqOptions
@@ -76,8 +79,8 @@ def _lstsq_options(raw: Any, path: str) -> LstsqOptions:
             raise RecipeError(f"{path}.{key}", f"unknown option; known: {', '.join(sorted(known))}")
         if key == "ridge" and (isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0):
             raise RecipeError(f"{path}.ridge", f"must be a number >= 0, got {v!r}")
-        if key != "ridge" and (isinstance(v, bool) or not isinstance(v, int) or v < (0 if key == "passes" else 1)):
-            bound = 0 if key == "passes" else 1
+        bound = 0 if key in ("passes", "cache_mb") else 1
+        if key != "ridge" and (isinstance(v, bool) or not isinstance(v, int) or v < bound):
             raise RecipeError(f"{path}.{key}", f"must be an integer >= {bound}, got {v!r}")
     return LstsqOptions(**raw)
 
@@ -91,6 +94,26 @@ def parse_methods(value: Sequence[Any]) -> tuple[list[str], LstsqOptions]:
         if isinstance(item, dict):
             opts = _lstsq_options(item[name], "recover")
     return names, opts
+
+
+def _refit(dense: nn.Module, pruned: fx.GraphModule, consumers: list[Consumer], data: Any, opts: LstsqOptions,
+           bias_step: _bias.BiasCompensation | None, bn: bool, report: dict[str, Any]) -> bool:
+    """``lstsq`` (and ``bias``): cached and exactly sequential when the activations fit in ``opts.cache_mb``
+    (re-estimating the BatchNorms on the way if ``bn``), else streamed. Returns whether the BatchNorms are done."""
+    todo = _lstsq.fittable(consumers, pruned, opts)
+    records = None
+    fuse_bn = False
+    if todo and opts.cache_mb > 0 and isinstance(pruned, fx.GraphModule):
+        nested = _sequential.graph_norms(pruned)[1] if bn else []
+        fuse_bn = bn and not nested  # a BatchNorm inside a leaf module: a bn pass of its own at the end
+        records = _sequential.reconstruct(dense, pruned, todo, data, opts, bias_step, fuse_bn, report)
+        if records is None:  # over the budget: the bias statistics were applied on the way
+            bias_step = None
+            fuse_bn = False
+    if records is None:
+        records = _lstsq.reconstruct(dense, pruned, todo, data, opts, bias_step)
+    report["lstsq"] = records
+    return fuse_bn
 
 
 def recover(dense: nn.Module, pruned: fx.GraphModule, plan: Plan, data: Any, methods: Sequence[Any],
@@ -119,13 +142,14 @@ def recover(dense: nn.Module, pruned: fx.GraphModule, plan: Plan, data: Any, met
     report: dict[str, Any] = {"consumers": [c.path for c in consumers]}
     with eval_no_grad(dense, pruned):
         bias_step = _bias.BiasCompensation(dense, pruned, consumers) if "bias" in names else None
-        if "lstsq" in names:  # shares its first dense pass with the bias step
-            report["lstsq"] = _lstsq.reconstruct(dense, pruned, consumers, data, opts, bias_step)
+        bn_done = False
+        if "lstsq" in names:  # shares its (first) dense pass with the bias step
+            bn_done = _refit(dense, pruned, consumers, data, opts, bias_step, "bn" in names, report)
         elif bias_step is not None:
             _bias.run_bias_step(bias_step, data)
         if bias_step is not None:
             report["bias"] = bias_step.records
-        if "bn" in names:
+        if "bn" in names and not bn_done:
             report["bn"] = _bn.reestimate(pruned, data)
     report["seconds"] = time.perf_counter() - start
     log.info("recover %s: %d consumer layers in %.2f s", "+".join(m for m in METHODS if m in names), len(consumers),

@@ -8,7 +8,9 @@ input of the layer, i.e. after every elementwise op between the producer and the
 
 * Linear: ``Δb = W[O, R] · mean(x[..., R])`` over every sample and token;
 * Conv (``groups == 1``): ``Δb`` is the mean over samples and output positions of ``conv(x[:, R], W[O, R])``,
-  with the layer's own stride, dilation and padding, so border positions count exactly;
+  with the layer's own stride, dilation and padding, so border positions count exactly. By linearity it is
+  ``W[O, R]`` contracted with the mean im2col patch of ``x[:, R]``: one padded window sum per kernel tap, so the
+  statistics cost a sum over the batch, not a convolution;
 * grouped convs are skipped: a removed input channel takes its whole group, so it reaches no kept output.
 
 In a LayerNorm transformer the consumers are the attention output projection (heads removed) and the MLP's second
@@ -17,12 +19,13 @@ Linear (hidden units removed); their ``Δb`` flows into the residual stream. Sum
 """
 from __future__ import annotations
 
+import itertools
 import logging
+import math
 from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .. import distributed
@@ -30,8 +33,6 @@ from .capture import input_batches, pad_for_conv, run_watching
 from .layers import Consumer
 
 log = logging.getLogger(__name__)
-
-_CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 
 def add_to_bias(m: nn.Module, delta: torch.Tensor) -> None:
@@ -88,8 +89,8 @@ class BiasCompensation:
             out = torch.as_tensor(c.kept_out, device=w.device)
             removed = torch.as_tensor(c.removed_in, device=w.device)
             self.weights[c.path] = w.index_select(0, out).index_select(1, removed)
-            n = len(c.removed_in) if c.kind == "linear" else len(c.kept_out)
-            self.sums[c.path] = torch.zeros(n, dtype=torch.float64, device=w.device)
+            shape = (len(c.removed_in),) if c.kind == "linear" else (len(c.removed_in), *w.shape[2:])
+            self.sums[c.path] = torch.zeros(shape, dtype=torch.float64, device=w.device)  # conv: patch sums
 
     @property
     def calls(self) -> dict[str, int]:
@@ -98,7 +99,7 @@ class BiasCompensation:
     def _hook(self, c: Consumer):
         removed = torch.as_tensor(c.removed_in)
         m = self.dense.get_submodule(c.path)
-        sums, counts, weight = self.sums[c.path], self.counts[c.path], self.weights[c.path]
+        sums, counts = self.sums[c.path], self.counts[c.path]
 
         def fn(x: torch.Tensor) -> None:
             if c.kind == "linear":
@@ -106,10 +107,16 @@ class BiasCompensation:
                 sums.add_(xr.sum(0, dtype=torch.float64))
                 counts.add_(xr.shape[0])
                 return
-            xr = pad_for_conv(m, x.index_select(1, removed.to(x.device)))
-            r = _CONV_FN[x.dim() - 2](xr, weight.to(x.dtype), None, m.stride, 0, m.dilation)
-            sums.add_(r.sum([0, *range(2, r.dim())], dtype=torch.float64))
-            counts.add_(r.numel() // r.shape[1])
+            # the batch sum first (padding is the same linear map on every sample, so it commutes with the sum)
+            xs = x.sum(0).index_select(0, removed.to(x.device)).to(torch.float64)
+            xp = pad_for_conv(m, xs[None])[0]  # [R, *padded spatial]
+            out = [(xp.shape[1 + i] - m.dilation[i] * (m.kernel_size[i] - 1) - 1) // m.stride[i] + 1
+                   for i in range(xp.dim() - 1)]
+            for tap in itertools.product(*(range(k) for k in m.kernel_size)):  # the window each tap reads
+                window = tuple(slice(t * d, t * d + (o - 1) * st + 1, st)
+                               for t, d, o, st in zip(tap, m.dilation, out, m.stride))
+                sums[(slice(None), *tap)] += xp[(slice(None), *window)].sum(tuple(range(1, xp.dim())))
+            counts.add_(x.shape[0] * math.prod(out))
         return fn
 
     def hooks(self) -> dict[str, Callable[[torch.Tensor], None]]:
@@ -125,7 +132,8 @@ class BiasCompensation:
             if n == 0:
                 continue
             mean = self.sums[c.path] / n
-            delta = self.weights[c.path].double() @ mean if c.kind == "linear" else mean
+            w = self.weights[c.path].double()
+            delta = w @ mean if c.kind == "linear" else w.reshape(w.shape[0], -1) @ mean.reshape(-1)
             add_to_bias(self.pruned.get_submodule(c.path), delta)
             records.append({"path": c.path, "max_abs_delta": float(delta.abs().max())})
         log.info("recover bias: compensated %d layers", len(records))

@@ -127,7 +127,7 @@ def conv_targets(y: torch.Tensor, kept_out: torch.Tensor, groups: int, cap: int)
     only: ``[groups, N * P, kept / groups]``."""
     flat = y.flatten(2)
     pos = sample_positions(flat.shape[2], cap, y.device)
-    rows = flat.index_select(1, kept_out).index_select(2, pos)  # [N, K, P]
+    rows = flat.index_select(2, pos).index_select(1, kept_out)  # [N, K, P] (positions first: the smaller copy)
     n, k, p = rows.shape
     return rows.permute(0, 2, 1).reshape(n * p, groups, k // groups).movedim(1, 0)
 
@@ -135,13 +135,15 @@ def conv_targets(y: torch.Tensor, kept_out: torch.Tensor, groups: int, cap: int)
 def linear_rows(x: torch.Tensor, cap: int, features: torch.Tensor | None = None) -> torch.Tensor:
     """Rows ``[1, N * P, F]`` of a Linear layer's input or output ``x`` ``[N, *positions, F]`` at up to ``cap``
     positions per sample (features restricted to ``features`` when given)."""
-    if features is not None:
-        x = x.index_select(x.dim() - 1, features)
     if x.dim() == 1:
+        x = x if features is None else x.index_select(0, features)
         return x.reshape(1, 1, -1)
     x3 = x.reshape(x.shape[0], -1, x.shape[-1])
     pos = sample_positions(x3.shape[1], cap, x.device)
-    return x3.index_select(1, pos).reshape(1, -1, x.shape[-1])
+    rows = x3.index_select(1, pos)
+    if features is not None:
+        rows = rows.index_select(2, features)
+    return rows.reshape(1, -1, rows.shape[-1])
 
 
 __all__ = [

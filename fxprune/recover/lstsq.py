@@ -6,7 +6,9 @@ patches; grouped conv: one regression per group; Linear: feature vectors), targe
 of ``L`` on the same batch at the same positions, channels ``O``. The weights and a bias (added if the layer had
 none) solve ``min ||[X, 1] W - Y||² + λ ||W - W0||²`` (``gram.py``).
 
-Layers go in topological order, by levels (``layers.py``): one streamed pass over ``data`` per band of levels runs
+When the calibration activations fit in ``cache_mb``, ``sequential.py`` does this in one dense and one pruned pass,
+exactly sequentially. Otherwise (this module, the *streamed* mode, which holds no activation across batches),
+layers go in topological order, by levels (``layers.py``): one streamed pass over ``data`` per band of levels runs
 the dense model and the pruned model, whose earlier bands are already refit, up to the band's last layer, and
 folds every batch into float64 Gram matrices; then the band's layers are solved and written. The band's first
 level reads the pruned model's activations; deeper levels of the same band read the dense model's input at their
@@ -38,13 +40,18 @@ class LstsqOptions:
     """Knobs of ``lstsq`` (the recipe form ``{"lstsq": {...}}`` sets them).
 
     ridge: λ relative to the mean diagonal of ``XᵀX`` (see the README: 1e-2 by default).
-    passes: at most this many streamed passes (bands of levels); 0 = one per level, exactly sequential.
+    cache_mb: the most MiB of calibration activations (inputs, targets, the pruned graph's live values) that may be
+        held at once to reconstruct in one dense and one pruned pass (``sequential.py``, exactly sequential); over
+        it, or with 0, the streamed passes below run instead.
+    passes: streamed mode only: at most this many streamed passes (bands of levels); 0 = one per level, exactly
+        sequential.
     positions: at most this many output positions (conv) or tokens (Linear) per sample enter the regression.
     max_columns: layers with more regression inputs than this (e.g. a Linear reading a 25088-wide flatten) keep
         their weights: their Gram matrix alone would take ``8 * max_columns²`` bytes.
     """
 
     ridge: float = 1e-2
+    cache_mb: int = 2048
     passes: int = 4
     positions: int = 128
     max_columns: int = 8192
@@ -102,8 +109,38 @@ def restore_following_norms(dense: nn.Module, pruned: fx.GraphModule, c: Consume
     return out
 
 
-def _rows(c: Consumer, m: nn.Module, x: torch.Tensor, cap: int) -> torch.Tensor:
+def input_rows(c: Consumer, m: nn.Module, x: torch.Tensor, cap: int) -> torch.Tensor:
+    """Regression rows ``[groups, R, n_in]`` of consumer ``c`` (pruned module ``m``) on its input ``x``."""
     return linear_rows(x, cap) if c.kind == "linear" else conv_columns(m, x, cap)
+
+
+def target_rows(c: Consumer, m: nn.Module, y: torch.Tensor, cap: int) -> torch.Tensor:
+    """Regression targets ``[groups, R, kept_out / groups]``: the dense output ``y`` of ``c`` at the positions
+    ``input_rows`` samples, kept output channels only."""
+    out = torch.as_tensor(c.kept_out, device=y.device)
+    return linear_rows(y, cap, out) if c.kind == "linear" else conv_targets(y, out, m.groups, cap)
+
+
+def solve_and_write(dense: nn.Module, pruned: nn.Module, c: Consumer, gram: Gram, opts: LstsqOptions,
+                    restore_norms: bool = True) -> dict:
+    """Sum ``gram`` over ranks, solve it (ridge towards the current weights), write the solution into ``pruned``'s
+    ``c`` and, with ``restore_norms``, give the BatchNorms right after it the dense statistics. Returns the
+    layer's record (``path``, ``level``, ``rows``, ``after``; ``before`` when DEBUG logging is on)."""
+    gram.reduce()
+    m = pruned.get_submodule(c.path)
+    w0 = current_weights(c, m)
+    sol, residual = gram.solve(w0, opts.ridge)
+    distributed.broadcast_([sol])  # the same bits on every rank, whatever each rank's BLAS did
+    scale = float(gram.yy.sum()) or 1.0
+    rec = {"path": c.path, "level": c.level, "after": residual / scale, "rows": int(gram.rows.item())}
+    if log.isEnabledFor(logging.DEBUG):  # one more product with the Gram matrix
+        rec["before"] = gram.error(w0) / scale
+        log.debug("recover lstsq %s (level %d): relative error %.4g -> %.4g on %d rows", c.path, c.level,
+                  rec["before"], rec["after"], rec["rows"])
+    write_weights(c, m, sol)
+    if restore_norms and isinstance(pruned, fx.GraphModule):
+        restore_following_norms(dense, pruned, c)
+    return rec
 
 
 def _band_pass(dense: nn.Module, pruned: nn.Module, band: list[Consumer], data, opts: LstsqOptions,
@@ -124,24 +161,20 @@ def _band_pass(dense: nn.Module, pruned: nn.Module, band: list[Consumer], data, 
 
     def store(c: Consumer):
         m = modules[c.path]
-        kept_out, kept_in = torch.as_tensor(c.kept_out), torch.as_tensor(c.kept_in)
+        kept_in = torch.as_tensor(c.kept_in)
 
         def fn(x: torch.Tensor, y: torch.Tensor) -> None:
-            out = kept_out.to(y.device)
-            if c.kind == "linear":
-                target = linear_rows(y, opts.positions, out)
-            else:
-                target = conv_targets(y, out, m.groups, opts.positions)
+            target = target_rows(c, m, y, opts.positions)
             if c.level == first:
                 pending[c.path].append(target)
             else:
                 dim = x.dim() - 1 if c.kind == "linear" else 1
-                add(c, _rows(c, m, x.index_select(dim, kept_in.to(x.device)), opts.positions), target)
+                add(c, input_rows(c, m, x.index_select(dim, kept_in.to(x.device)), opts.positions), target)
         return fn
 
     def fold(c: Consumer):
         def fn(x: torch.Tensor) -> None:
-            add(c, _rows(c, modules[c.path], x, opts.positions), pending[c.path].popleft())
+            add(c, input_rows(c, modules[c.path], x, opts.positions), pending[c.path].popleft())
         return fn
 
     calls = {c.path: c.calls for c in band}
@@ -156,16 +189,9 @@ def _band_pass(dense: nn.Module, pruned: nn.Module, band: list[Consumer], data, 
     return grams
 
 
-def reconstruct(dense: nn.Module, pruned: nn.Module, consumers: list[Consumer], data,
-                opts: LstsqOptions | None = None, bias_step: BiasCompensation | None = None) -> list[dict]:
-    """Refit ``consumers`` of ``pruned`` towards ``dense`` (both in eval mode, no grad); returns one record per layer
-    (``path``, ``level``, ``rows``, relative squared error ``after`` on the calibration rows, and ``before`` when
-    DEBUG logging is on).
-
-    With ``bias_step`` (``recover: [bias, lstsq]``), the bias statistics are gathered on the first pass's dense run
-    and applied before anything is solved: the same result as a pass of its own, one dense pass cheaper (the
-    first band's layers read no refit or compensated layer)."""
-    opts = opts or LstsqOptions()
+def fittable(consumers: list[Consumer], pruned: nn.Module, opts: LstsqOptions) -> list[Consumer]:
+    """The consumers ``lstsq`` refits: those with at most ``opts.max_columns`` regression inputs (a warning names
+    each other one)."""
     todo = []
     for c in consumers:
         m = pruned.get_submodule(c.path)
@@ -174,6 +200,21 @@ def reconstruct(dense: nn.Module, pruned: nn.Module, consumers: list[Consumer], 
                         columns_of(c, m), opts.max_columns)
             continue
         todo.append(c)
+    return todo
+
+
+def reconstruct(dense: nn.Module, pruned: nn.Module, consumers: list[Consumer], data,
+                opts: LstsqOptions | None = None, bias_step: BiasCompensation | None = None) -> list[dict]:
+    """Refit ``consumers`` of ``pruned`` towards ``dense`` (both in eval mode, no grad) in streamed passes (the
+    mode that holds no activation across batches; ``sequential.py`` is the cached one); returns one record per layer
+    (``path``, ``level``, ``rows``, relative squared error ``after`` on the calibration rows, and ``before`` when
+    DEBUG logging is on).
+
+    With ``bias_step`` (``recover: [bias, lstsq]``), the bias statistics are gathered on the first pass's dense run
+    and applied before anything is solved: the same result as a pass of its own, one dense pass cheaper (the
+    first band's layers read no refit or compensated layer)."""
+    opts = opts or LstsqOptions()
+    todo = fittable(consumers, pruned, opts)
     records = []
     groups = bands(todo, opts.passes)
     if bias_step is not None and not groups:  # nothing to refit: the bias step makes its own pass
@@ -185,24 +226,10 @@ def reconstruct(dense: nn.Module, pruned: nn.Module, consumers: list[Consumer], 
             bias_step.apply()
         for c in band:
             gram = grams.pop(c.path, None)  # freed once solved
-            if gram is None:
-                continue
-            gram.reduce()
-            m = pruned.get_submodule(c.path)
-            w0 = current_weights(c, m)
-            sol, residual = gram.solve(w0, opts.ridge)
-            distributed.broadcast_([sol])  # the same bits on every rank, whatever each rank's BLAS did
-            scale = float(gram.yy.sum()) or 1.0
-            rec = {"path": c.path, "level": c.level, "after": residual / scale, "rows": int(gram.rows.item())}
-            if log.isEnabledFor(logging.DEBUG):  # one more product with the Gram matrix
-                rec["before"] = gram.error(w0) / scale
-                log.debug("recover lstsq %s (level %d): relative error %.4g -> %.4g on %d rows", c.path, c.level,
-                          rec["before"], rec["after"], rec["rows"])
-            write_weights(c, m, sol)
-            if isinstance(pruned, fx.GraphModule):
-                restore_following_norms(dense, pruned, c)
-            records.append(rec)
+            if gram is not None:
+                records.append(solve_and_write(dense, pruned, c, gram, opts))
     return records
 
 
-__all__ = ["LstsqOptions", "current_weights", "reconstruct", "write_weights"]
+__all__ = ["LstsqOptions", "current_weights", "fittable", "input_rows", "reconstruct", "solve_and_write", "target_rows",
+           "write_weights"]

@@ -1,10 +1,13 @@
-"""LAMP scores (arXiv 2010.07611): per-weight values by hand, and their per-unit sums on a two-layer toy."""
+"""LAMP scores (arXiv 2010.07611): per-weight values by hand, the per-unit scores (LAMP over the units of a group)
+on a two-layer toy, and l2's plan under ``scope: local``."""
 from __future__ import annotations
 
 import numpy as np
 import torch
+from fixtures import ResCatNet
 from torch import nn
 
+import fxprune
 from fxprune.criteria import ScoreContext, get_criterion
 from fxprune.criteria.lamp import lamp_scores
 from fxprune.testing import analyze_model, units_of
@@ -39,12 +42,25 @@ class TwoLinear(nn.Module):
         return self.fc2(torch.relu(self.fc1(x)))
 
 
-def test_lamp_unit_sums_rows_and_columns_not_biases() -> None:
+def test_lamp_normalizes_unit_magnitudes_within_the_group_not_biases() -> None:
+    """A unit's magnitude is the squared norm of its fc1 row and fc2 column (biases do not count); its score is
+    LAMP over the units of its group, by the definition."""
     m = TwoLinear()
     with torch.no_grad():
         m.fc1.bias.fill_(100.0)  # biases must not count
     a = analyze_model(m, torch.zeros(1, 3))
     got = get_criterion("lamp").score(a, ScoreContext())[units_of(a, "@fc1:0:0")]
     w1, w2 = m.fc1.weight.detach().double().numpy(), m.fc2.weight.detach().double().numpy()
-    want = by_definition(w1).sum(1) + by_definition(w2).sum(0)
-    np.testing.assert_allclose(got, want, rtol=1e-5)
+    norms = np.sqrt((w1 ** 2).sum(1) + (w2 ** 2).sum(0))
+    np.testing.assert_allclose(got, by_definition(norms), rtol=1e-5)
+    assert got.max() == 1.0  # the group's largest unit
+
+
+def test_lamp_orders_each_group_as_l2_so_local_scope_gives_l2s_plan() -> None:
+    """Within a layer LAMP orders as magnitude does (the paper's property), so only ``global`` differs from l2."""
+    torch.manual_seed(0)
+    model = ResCatNet().eval()
+    x = torch.randn(2, 3, 8, 8)
+    plans = {c: fxprune.compile(model, {"stages": [{"target": {"flops": 0.4}, "criterion": c}]},
+                                example_inputs=x).fxprune_plan.kept for c in ("l2", "lamp")}
+    assert plans["lamp"] == plans["l2"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -48,30 +49,31 @@ def test_linear_after_relu() -> None:
 
 
 class ConvNet(nn.Module):
-    def __init__(self) -> None:
+    def __init__(self, **conv2: int) -> None:
         super().__init__()
-        self.conv1, self.conv2 = nn.Conv2d(2, 8, 3, padding=1), nn.Conv2d(8, 3, 3, padding=1, bias=False)
+        self.conv1, self.conv2 = nn.Conv2d(2, 8, 3, padding=1), nn.Conv2d(8, 3, 3, bias=False, **conv2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv2(torch.relu(self.conv1(x)))
 
 
-def test_conv_with_padding() -> None:
-    model = ConvNet().eval()
-    data = [torch.randn(3, 2, 5, 5) + 0.3 for _ in range(2)]
+@pytest.mark.parametrize("conv2", [{"padding": 1}, {"padding": 2, "stride": 2, "dilation": 2}])
+def test_conv_with_padding(conv2: dict) -> None:
+    model = ConvNet(**conv2).eval()
+    data = [torch.randn(3, 2, 7, 7) + 0.3 for _ in range(2)]
     pruned = fxprune.compile(model, _recipe(), example_inputs=data[0][:1], data=data)
     removed = _removed(pruned.fxprune_plan.kept["@conv1:0:0"], 8)
     w2 = model.conv2.weight.detach()
     with torch.no_grad():
         h = torch.cat([torch.relu(model.conv1(x)) for x in data])
         # the removed channels' contribution at every output position, by im2col: columns of those channels only
-        cols = F.unfold(h[:, removed], 3, padding=1)  # [N, R*9, 25]
+        cols = F.unfold(h[:, removed], 3, **conv2)  # [N, R*9, positions]
         contribution = torch.einsum("ok,nkl->nol", w2[:, removed].reshape(3, -1), cols)
         delta = contribution.mean((0, 2))
-        x = torch.randn(2, 2, 5, 5)
+        x = torch.randn(2, 2, 7, 7)
         masked = torch.relu(model.conv1(x))
         masked[:, removed] = 0
-        want = F.conv2d(masked, w2, padding=1) + delta[None, :, None, None]
+        want = F.conv2d(masked, w2, **conv2) + delta[None, :, None, None]
         torch.testing.assert_close(pruned(x), want, rtol=1e-5, atol=1e-5)
 
 

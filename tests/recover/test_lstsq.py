@@ -1,6 +1,7 @@
 """``recover: [lstsq]`` against independent least-squares solutions (scipy on the raw activation matrices, not on
 Gram matrices) for a Linear, a conv (im2col by ``F.unfold``), a grouped conv (per group) and a chain of two
-consumers (sequential: the second reads the refit first one; one pass: it reads the dense kept inputs)."""
+consumers (sequential, cached or streamed: the second reads the refit first one; one streamed pass: it reads the
+dense kept inputs)."""
 from __future__ import annotations
 
 import numpy as np
@@ -122,13 +123,14 @@ class Chain(nn.Module):
         return self.fc3(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
 
 
-@pytest.mark.parametrize("passes", [0, 1])
-def test_chain_order(passes: int) -> None:
-    """``passes=0``: fc3 is fit on the activations of the model whose fc2 is already refit; ``passes=1``: on the
-    dense model's fc3 input at the kept channels."""
+@pytest.mark.parametrize("options, sequential", [({}, True), ({"cache_mb": 0, "passes": 0}, True),
+                                                  ({"cache_mb": 0, "passes": 1}, False)])
+def test_chain_order(options: dict, sequential: bool) -> None:
+    """Cached (the default) and streamed with ``passes=0``: fc3 is fit on the activations of the model whose fc2 is
+    already refit; streamed with ``passes=1``: on the dense model's fc3 input at the kept channels."""
     model = Chain().eval()
     data = [torch.randn(32, 5) for _ in range(3)]
-    pruned = fxprune.compile(model, _recipe([{"lstsq": {"ridge": 0.0, "passes": passes}}]),
+    pruned = fxprune.compile(model, _recipe([{"lstsq": {"ridge": 0.0, **options}}]),
                              example_inputs=data[0][:2], data=data)
     plan = pruned.fxprune_plan.kept
     k1, k2 = plan["@fc1:0:0"], plan["@fc2:0:0"]
@@ -139,7 +141,7 @@ def test_chain_order(passes: int) -> None:
         y2, y3 = model.fc2(h1).double().numpy(), model.fc3(h2).double().numpy()
     w2 = _ridge_solution(h1[:, k1].double().numpy(), y2[:, k2], None, 0.0)
     np.testing.assert_allclose(pruned.fc2.weight.detach().double().numpy(), w2[:-1].T, rtol=1e-4, atol=1e-5)
-    if passes == 0:  # the refit fc2 feeds fc3's regression
+    if sequential:  # the refit fc2 feeds fc3's regression
         x3 = np.maximum(h1[:, k1].double().numpy() @ w2[:-1] + w2[-1], 0)
     else:
         x3 = h2[:, k2].double().numpy()
