@@ -63,7 +63,12 @@ def targets(models: list[str], batches: list[int], goals: list[float], runs: int
             x = torch.randn(batch, 3, 224, 224)
             for goal in goals:
                 start = time.perf_counter()
-                pruned = fxprune.compile(model, channels({"latency": goal}), example_inputs=x)
+                try:
+                    pruned = fxprune.compile(model, channels({"latency": goal}), example_inputs=x)
+                except fxprune.errors.BudgetError as exc:  # the table says the target is out of reach: a row
+                    log.warning("%s batch %d latency %.2f: %s", name, batch, goal, exc)
+                    rows.append({"model": name, "batch": batch, "requested": 1 - goal, "error": str(exc)[:80]})
+                    continue
                 s = pruned.fxprune_plan.stats
                 measured = _ratio(model, pruned, x, runs)
                 macs = _macs(pruned, x) / _macs(model, x)
@@ -136,10 +141,10 @@ def digits(epochs: int, runs: int) -> list[dict]:
 def md(rows: list[dict]) -> str:
     if not rows:
         return "(none)"
-    keys = list(rows[0])
+    keys = list(dict.fromkeys(k for r in rows for k in r))
     out = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-    out += ["| " + " | ".join(f"{r[k]:.3f}" if isinstance(r[k], float) else str(r[k]) for k in keys) + " |"
-            for r in rows]
+    out += ["| " + " | ".join(f"{r[k]:.3f}" if isinstance(r.get(k), float) else str(r.get(k, "")) for k in keys)
+            + " |" for r in rows]
     return "\n".join(out)
 
 
