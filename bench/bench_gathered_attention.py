@@ -33,12 +33,12 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from collections.abc import Callable
 
 import pytest
 import torch
 import torch.nn.functional as F
+from timing import device_ms
 
 from fxprune.kernels.gathered_attention import gathered_attention, gathered_attention_reference
 
@@ -102,22 +102,6 @@ def _provider_fn(provider: str, qkv: torch.Tensor, idx: torch.Tensor) -> Callabl
     return lambda: gathered_attention(qkv, idx, backend="triton", check_indices=False)
 
 
-def _time_ms(fn: Callable[[], object], device: str, reps: int = 25) -> float:
-    """Time of ``fn`` in ms: median of ``do_bench`` on GPU; on CPU the minimum
-    wall-clock time of ``reps`` calls (robust to other processes on the cores)."""
-    if device == "cuda":
-        import triton.testing
-
-        return float(triton.testing.do_bench(fn, return_mode="median"))
-    fn()
-    samples = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - start) * 1e3)
-    return min(samples)
-
-
 @pytest.mark.parametrize("device, provider, z, batch", _cases())
 def test_gathered_attention(benchmark, cpu_threads, device: str, provider: str, z: float, batch: int) -> None:
     k_tokens = int(N_TOKENS * z)
@@ -127,8 +111,8 @@ def test_gathered_attention(benchmark, cpu_threads, device: str, provider: str, 
     expected_tokens = N_TOKENS if provider == "full" else k_tokens
     assert out.shape == (batch, expected_tokens, HEADS, HEAD_DIM)
 
-    ms = _time_ms(fn, device)
-    full_ms = ms if provider == "full" else _time_ms(_provider_fn("full", qkv, idx), device)
+    ms = device_ms(fn, device, reduce=min)
+    full_ms = ms if provider == "full" else device_ms(_provider_fn("full", qkv, idx), device, reduce=min)
     benchmark.extra_info.update(
         device=device, dtype=str(qkv.dtype), batch=batch, z=z, K=k_tokens, N=N_TOKENS,
         ms=ms, full_ms=full_ms, ratio_vs_full=ms / full_ms,
@@ -136,7 +120,7 @@ def test_gathered_attention(benchmark, cpu_threads, device: str, provider: str, 
     if device == "cpu":
         benchmark.extra_info["threads"] = cpu_threads
     if provider == "ours":
-        ref_ms = _time_ms(_provider_fn("reference", qkv, idx), device)
+        ref_ms = device_ms(_provider_fn("reference", qkv, idx), device, reduce=min)
         benchmark.extra_info.update(reference_ms=ref_ms, ratio_vs_reference=ms / ref_ms)
         ref = gathered_attention_reference(qkv.float(), idx)
         torch.testing.assert_close(out.float(), ref, atol=3e-2, rtol=2e-2)

@@ -17,35 +17,20 @@ from __future__ import annotations
 
 import argparse
 import logging
-import statistics
 import subprocess
 import sys
 import time
 import traceback
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from timing import device_ms
+
 ROOT = Path(__file__).resolve().parent.parent
 log = logging.getLogger("gpu_suite")
-
-
-def timed_ms(fn: Callable[[], object], device: str, reps: int) -> float:
-    """Median milliseconds: ``triton.testing.do_bench`` on CUDA, wall-clock median of ``reps`` calls on CPU."""
-    if device == "cuda":
-        import triton.testing
-
-        return float(triton.testing.do_bench(fn, return_mode="median"))
-    fn()
-    samples = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(samples)
 
 
 def md_table(rows: list[dict]) -> str:
@@ -99,7 +84,7 @@ def blocksparse(dry: bool, device: str) -> str:
                     for provider in ("dense", "ours", "torch_bsr"):
                         try:
                             fn = _make_fn(provider, x, w.to(**to), b, mask.to(device))
-                            row[f"{provider}_ms"] = timed_ms(fn, device, 3)
+                            row[f"{provider}_ms"] = device_ms(fn, device, 3)
                         except (RuntimeError, NotImplementedError) as exc:  # BSR has no kernel for some dtypes
                             row[f"{provider}_ms"] = f"n/a ({type(exc).__name__})"
                     if isinstance(row["ours_ms"], float):
@@ -132,7 +117,7 @@ def gathered(dry: bool, device: str) -> str:
             row: dict = {"z": z, "batch": batch}
             for name, fn in calls.items():
                 try:
-                    row[f"{name}_ms"] = timed_ms(fn, device, 3)
+                    row[f"{name}_ms"] = device_ms(fn, device, 3)
                 except Exception as exc:  # a provider that cannot run here is reported
                     row[f"{name}_ms"] = f"n/a ({type(exc).__name__}: {str(exc)[:60]})"
             rows.append(row)
@@ -170,8 +155,8 @@ def end_to_end(dry: bool, device: str) -> str:
                 backend = "eager" if dry else "inductor"
                 dense, pruned = torch.compile(dense, backend=backend), torch.compile(pruned, backend=backend)
             with torch.inference_mode():
-                d = timed_ms(lambda: dense(x), device, 3)
-                p = timed_ms(lambda: pruned(x), device, 3)
+                d = device_ms(lambda: dense(x), device, 3)
+                p = device_ms(lambda: pruned(x), device, 3)
             rows.append({"model": name, "mode": mode, "batch": batch, "dense_ms": d, "pruned_ms": p,
                          "speedup": d / p})
     return md_table(rows)

@@ -40,3 +40,20 @@ def interleaved_ms(calls: dict[str, Callable[[], object]], runs: int) -> dict[st
                 times[name + "_cpu"].append((time.thread_time() - cpu) * 1e3)
                 times[name].append((time.perf_counter() - start) * 1e3)
     return times
+
+
+def device_ms(fn: Callable[[], object], device: str, reps: int = 25,
+              reduce: Callable[[list[float]], float] = statistics.median) -> float:
+    """Milliseconds of ``fn``: ``triton.testing.do_bench``'s median on CUDA; on CPU ``reduce`` (median, or ``min``
+    to resist other processes on the cores) of ``reps`` wall-clock calls after one warm-up call."""
+    if device == "cuda":
+        import triton.testing
+
+        return float(triton.testing.do_bench(fn, return_mode="median"))
+    fn()
+    samples = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - start) * 1e3)
+    return float(reduce(samples))

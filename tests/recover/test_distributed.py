@@ -3,18 +3,15 @@ stage, each with ``recover: [bn, bias, lstsq]`` on rank-sharded batches, both ra
 bit-identical weights, equal to one process on all the batches; the iterative stage splits its evaluations."""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from torchrun import run_torchrun
 
 from fxprune import distributed
 from fxprune.testing import state_digest
 
-ROOT = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).with_name("dist_worker.py")
 
 
@@ -36,12 +33,7 @@ class _Weights(torch.nn.Module):
 @pytest.fixture(scope="module")
 def results(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("dist")
-    path = os.pathsep.join([str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])  # tests: fixtures
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(WORKER),
-           str(out)]
-    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
-    assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    run_torchrun(WORKER, str(out))
     return out
 
 
