@@ -5,6 +5,7 @@ Run (one command; ``--quick`` is a small-scale smoke run, the full run is for a 
 
     OMP_NUM_THREADS=2 python bench/bench_latency_target.py                 # full: ~15-25 min on 2 cores
     OMP_NUM_THREADS=2 python bench/bench_latency_target.py --quick         # resnet50 b1 t0.3 + the comparisons
+    OMP_NUM_THREADS=2 python bench/bench_latency_target.py --skip vs_tp digits --models resnet50   # one model
 
 1. ``targets``: resnet50, mobilenet_v3_large, vit_b_16 (224 px) at batch 1 and 8, 2 threads, ``target: {latency:
    t}`` for t in 0.3 / 0.5 (``channels``, l2, ``round_to: 8``): requested latency ratio, the plan's predicted and
@@ -153,13 +154,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="resnet50 at batch 1, target 0.3, fewer runs")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--skip", nargs="*", default=[], choices=["targets", "vs_tp", "digits"])
+    parser.add_argument("--models", nargs="*", default=["resnet50", "mobilenet_v3_large", "vit_b_16"],
+                        help="torchvision models of the targets part")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING)
     runs = 5 if args.quick else 15
     if "targets" not in args.skip:
         rows = (targets(["resnet50"], [1], [0.3], runs) if args.quick else
-                targets(["resnet50", "mobilenet_v3_large", "vit_b_16"], [1, 8], [0.3, 0.5], runs))
+                targets(args.models, [1, 8], [0.3, 0.5], runs))
         print("## requested vs measured latency\n\n" + md(rows) + "\n")
     if "vs_tp" not in args.skip:
         print("## resnet50 batch 1 vs Torch-Pruning at the same MACs\n\n" + md(vs_tp(runs, 4 if args.quick else 7))

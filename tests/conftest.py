@@ -11,12 +11,22 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import ctypes
 import gc
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import psutil
 import pytest
 import torch
+
+# The repository's top-level ``kernels/`` (installed as ``fxprune.kernels``) would shadow Hugging Face's ``kernels``
+# package, which transformers imports, whenever the repository root is on ``sys.path`` (``python -m pytest`` puts the
+# working directory there). Nothing here imports from the root itself: drop it before anything imports transformers.
+_ROOT = Path(__file__).resolve().parent.parent
+sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != _ROOT]
+if getattr(sys.modules.get("kernels"), "__file__", "") == str(_ROOT / "kernels" / "__init__.py"):
+    del sys.modules["kernels"]
 
 # One intra-op thread per test process: with pytest-xdist workers on 2 cores, more threads oversubscribe the
 # cores and small convolutions slow down a hundredfold.

@@ -79,6 +79,10 @@ def _lstsq_options(raw: Any, path: str) -> LstsqOptions:
             raise RecipeError(f"{path}.{key}", f"unknown option; known: {', '.join(sorted(known))}")
         if key == "ridge" and (isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0):
             raise RecipeError(f"{path}.ridge", f"must be a number >= 0, got {v!r}")
+        if key == "products":
+            if v not in ("float32", "float64"):
+                raise RecipeError(f"{path}.products", f"must be 'float32' or 'float64', got {v!r}")
+            continue
         bound = 0 if key in ("passes", "cache_mb") else 1
         if key != "ridge" and (isinstance(v, bool) or not isinstance(v, int) or v < bound):
             raise RecipeError(f"{path}.{key}", f"must be an integer >= {bound}, got {v!r}")

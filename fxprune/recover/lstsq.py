@@ -48,6 +48,8 @@ class LstsqOptions:
     positions: at most this many output positions (conv) or tokens (Linear) per sample enter the regression.
     max_columns: layers with more regression inputs than this (e.g. a Linear reading a 25088-wide flatten) keep
         their weights: their Gram matrix alone would take ``8 * max_columns²`` bytes.
+    products: ``"float32"`` or ``"float64"``: the dtype of each chunk's Gram products; their sums over chunks,
+        batches and ranks are float64 either way (``gram.py``). float32 is about 1.7x faster on CPU.
     """
 
     ridge: float = 1e-2
@@ -55,6 +57,11 @@ class LstsqOptions:
     passes: int = 4
     positions: int = 128
     max_columns: int = 8192
+    products: str = "float32"
+
+    def gram(self, rows: torch.Tensor, y: torch.Tensor) -> Gram:
+        """An empty ``Gram`` for rows ``[groups, R, n_in]`` and targets ``[groups, R, n_out]``."""
+        return Gram(rows.shape[0], rows.shape[2], y.shape[2], rows.device, getattr(torch, self.products))
 
 
 def columns_of(c: Consumer, m: nn.Module) -> int:
@@ -156,7 +163,7 @@ def _band_pass(dense: nn.Module, pruned: nn.Module, band: list[Consumer], data, 
 
     def add(c: Consumer, rows: torch.Tensor, y: torch.Tensor) -> None:
         if c.path not in grams:
-            grams[c.path] = Gram(rows.shape[0], rows.shape[2], y.shape[2], rows.device)
+            grams[c.path] = opts.gram(rows, y)
         grams[c.path].add(rows, y)
 
     def store(c: Consumer):

@@ -39,6 +39,7 @@ from ..errors import FxPruneError
 from ..progress import calibration_pass
 from ..trace import MetaShapeRecorder
 from .bias import BiasCompensation
+from .bn import batch_stats
 from .capture import input_batches, run_watching
 from .gram import Gram
 from .layers import Consumer
@@ -156,7 +157,7 @@ class _NormStats:
                 raise FxPruneError(f"recover 'bn': BatchNorm '{self.path}' sees {n} value per channel in a "
                                    f"calibration batch; batches need at least 2 values per channel (use larger "
                                    f"batches)")
-            var, mean = torch.var_mean(x.detach().float(), dim=[0, *range(2, x.dim())], correction=0)
+            mean, var = batch_stats(x)
             s[:c] += mean.double()
             s[c:2 * c] += var.double() * (n / (n - 1))
             s[-1] += 1
@@ -203,7 +204,7 @@ def _pruned_pass(dense: nn.Module, pruned: fx.GraphModule, todo: list[Consumer],
                 rows = input_rows(c, m, _first_input(interp, node), opts.positions)
                 y, targets[c.path][b][j] = targets[c.path][b][j], None
                 if c.path not in grams:
-                    grams[c.path] = Gram(rows.shape[0], rows.shape[2], y.shape[2], rows.device)
+                    grams[c.path] = opts.gram(rows, y)
                 grams[c.path].add(rows, y)
             if j == c.calls - 1:
                 records.append(solve_and_write(dense, pruned, c, grams.pop(c.path), opts, restore_norms=not norms))

@@ -71,11 +71,12 @@ class ConvNet(nn.Module):
         return self.head(self.conv2(torch.relu(self.conv1(x))))
 
 
-def test_conv_equals_scipy_least_squares_on_unfold_columns() -> None:
+@pytest.mark.parametrize("products", ["float32", "float64"])
+def test_conv_equals_scipy_least_squares_on_unfold_columns(products: str) -> None:
     model = ConvNet().eval()
     data = [torch.randn(4, 3, 6, 6) for _ in range(3)]
-    pruned = fxprune.compile(model, _recipe([{"lstsq": {"ridge": 0.0}}], 0.25), example_inputs=data[0][:1],
-                             data=data)
+    pruned = fxprune.compile(model, _recipe([{"lstsq": {"ridge": 0.0, "products": products}}], 0.25),
+                             example_inputs=data[0][:1], data=data)
     kept = pruned.fxprune_plan.kept["@conv1:0:0"]
     with torch.no_grad():
         h = torch.cat([torch.relu(model.conv1(x)) for x in data])

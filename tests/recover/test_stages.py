@@ -26,6 +26,7 @@ torch.manual_seed(0)
     ([{"lstsq": {"ridge": -1}}], "stages[0].recover[0].lstsq.ridge", ">= 0"),
     ([{"lstsq": {"passes": 1.5}}], "stages[0].recover[0].lstsq.passes", "integer"),
     ([{"lstsq": {"rank": 2}}], "stages[0].recover[0].lstsq.rank", "unknown option"),
+    ([{"lstsq": {"products": "half"}}], "stages[0].recover[0].lstsq.products", "'float32' or 'float64'"),
     ([{"bn": {}}], "stages[0].recover[0]", "takes no options"),
 ])
 def test_bad_values_name_the_field(value: object, path: str, words: str) -> None:

@@ -18,6 +18,7 @@ from fxprune.errors import BudgetError, RecipeError
 from fxprune.latency import LatencyTable
 from fxprune.plan import Plan
 from fxprune.planner import Budget, Planner
+from fxprune.stages.latency_target import MAX_CORRECTIONS, TOLERANCE, next_target
 from fxprune.testing import channel_recipe, prune_and_check
 from fxprune.trace import record_shapes, trace
 from fxprune.work import count_work
@@ -71,6 +72,28 @@ def test_planner_meets_a_latency_budget_on_a_synthetic_table_exactly(target: flo
         planner.solve("latency", 0.99)
 
 
+@pytest.mark.parametrize(("gain", "offset", "steps"),
+                         [(1.3, 0.0, 1), (0.85, 0.03, 1), (1.0, 0.12, 1), (1.25, -0.05, 2), (1.2, 0.05, 2)])
+def test_correction_search_converges_on_a_miscalibrated_staircase(gain: float, offset: float, steps: int) -> None:
+    """The correction's search (``next_target``) against a synthetic 'measured' ratio that the table mispredicts:
+    a different slope (``gain``), a constant offset, and a staircase of ``steps`` ms-steps per 1% (flat spots), with
+    a deterministic +-1% jitter. Each case has a solution within ``TOLERANCE`` and within 0.15 of the request; the
+    search must reach one in at most ``MAX_CORRECTIONS`` corrections, every try staying within 0.15 of the request."""
+    def measured(t: float, k: int) -> float:
+        stair = np.floor(t * 100 / steps) * steps / 100
+        return float(np.clip(1.0 - gain * stair + offset * (1 - stair), 0.05, 1.0)) * (1 + 0.01 * (-1) ** k)
+
+    for rel in (0.3, 0.5):
+        wanted = 1.0 - rel
+        tried = [(rel, measured(rel, 0))]
+        while abs(tried[-1][1] - wanted) > TOLERANCE * wanted and len(tried) <= MAX_CORRECTIONS:
+            t = next_target(tried, wanted, rel, predicted=1.0 - rel)
+            assert abs(t - rel) <= 0.15 + 1e-12
+            tried.append((t, measured(t, len(tried))))
+        best = min(abs(m - wanted) for _, m in tried)
+        assert best <= TOLERANCE * wanted, (gain, offset, rel, tried)
+
+
 def test_latency_target_end_to_end_meets_its_predicted_budget_and_masked_equals_shrunk() -> None:
     model = rescat()
     x = torch.randn(1, 3, 64, 64)  # big enough that the convolutions, not the Python overhead, take the time
@@ -78,7 +101,7 @@ def test_latency_target_end_to_end_meets_its_predicted_budget_and_masked_equals_
     stats = pruned.fxprune_plan.stats
     assert stats["latency_requested_ratio"] == pytest.approx(0.7)
     assert stats["latency_predicted_ratio"] <= stats["latency_planned_ratio"] + 1e-9
-    assert 0 <= stats["latency_corrections"] <= 3 and stats["latency_measured_ms"] > 0
+    assert 0 <= stats["latency_corrections"] <= MAX_CORRECTIONS and stats["latency_measured_ms"] > 0
     assert stats["latency_table_s"] >= 0 and stats["macs"] < count_work(model, x)["macs"]
     for m in pruned.modules():
         if isinstance(m, nn.Conv2d) and m.out_channels not in (10, 32):
