@@ -47,8 +47,9 @@ def _macs(m: torch.nn.Module, x: torch.Tensor) -> int:
 
 
 def _ratio(dense: torch.nn.Module, pruned: torch.nn.Module, x: torch.Tensor, runs: int) -> float:
+    """The median over interleaved rounds of pruned / dense milliseconds in the same round."""
     t = interleaved_ms({"d": lambda: dense(x), "p": lambda: pruned(x)}, runs)
-    return statistics.median(t["p"]) / statistics.median(t["d"])
+    return statistics.median(p / d for d, p in zip(t["d"], t["p"]))
 
 
 def channels(target: dict, round_to: int | str = 8) -> dict:
@@ -106,7 +107,9 @@ def vs_tp(runs: int, bisect: int) -> list[dict]:
         lo, hi = 0.0, 0.9
         for _ in range(bisect):  # TP's channel ratio giving the latency plan's MACs
             mid = (lo + hi) / 2
-            lo, hi = (mid, hi) if _macs(_tp_prune(model, x, mid), x) / _macs(model, x) > goal else (lo, mid)
+            got = _macs(_tp_prune(model, x, mid), x) / _macs(model, x)
+            log.warning("torch-pruning ratio %.4f: MACs ratio %.4f (goal %.4f)", mid, got, goal)
+            lo, hi = (mid, hi) if got > goal else (lo, mid)
         models["torch-pruning"] = _tp_prune(model, x, (lo + hi) / 2)
     except ImportError:
         log.warning("torch_pruning is not installed: pip install torch-pruning (bench-only); its row is skipped")

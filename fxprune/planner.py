@@ -348,7 +348,8 @@ class Planner:
             raise BudgetError(f"latency target {target:.3f} cannot be met: the lookup table predicts at most "
                               f"{1 - total / table.base_ms:.3f} of the model's latency can be removed "
                               f"(max_sparsity={self.budget.max_sparsity}, frozen groups and ignored modules excluded; "
-                              f"{table.residual_ms:.3f} of its {table.base_ms:.3f} ms are outside the timed layers)")
+                              f"{table.outside_ms:.3f} of its {table.base_ms:.3f} ms are outside the timed layers, "
+                              f"{table.residual_ms:.3f} ms of them independent of the widths)")
         parts = [o.order[:k] for o, k in zip(self.orders, taken)]
         return np.concatenate(parts) if parts else np.zeros(0, np.int64)
 

@@ -74,10 +74,10 @@ def _sync(device: torch.device) -> Callable[[], None]:
     return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
 
-def interleaved_ms(calls: Sequence[Callable[[], object]], device: torch.device, warmup: int = 1,
-                   repeats: int = 5) -> list[float]:
-    """Median milliseconds of each call: ``warmup`` rounds, then ``repeats`` rounds calling each once (every other
-    round in reverse order), in inference mode, synchronised on CUDA."""
+def _rounds(calls: Sequence[Callable[[], object]], device: torch.device, warmup: int,
+            repeats: int) -> list[list[float]]:
+    """Milliseconds of each call in each of ``repeats`` rounds (after ``warmup`` rounds; every other round in
+    reverse order), in inference mode, synchronised on CUDA."""
     sync = _sync(device)
     times: list[list[float]] = [[] for _ in calls]
     with torch.inference_mode():
@@ -92,7 +92,14 @@ def interleaved_ms(calls: Sequence[Callable[[], object]], device: torch.device, 
                 calls[i]()
                 sync()
                 times[i].append((time.perf_counter() - start) * 1e3)
-    return [statistics.median(t) for t in times]
+    return times
+
+
+def interleaved_ms(calls: Sequence[Callable[[], object]], device: torch.device, warmup: int = 1,
+                   repeats: int = 5) -> list[float]:
+    """Median milliseconds of each call: ``warmup`` rounds, then ``repeats`` rounds calling each once (every other
+    round in reverse order), in inference mode, synchronised on CUDA."""
+    return [statistics.median(t) for t in _rounds(calls, device, warmup, repeats)]
 
 
 def measure_cached(probes: Mapping[str, Callable[[], Callable[[], object]]], device: torch.device,
@@ -122,12 +129,25 @@ def measure_cached(probes: Mapping[str, Callable[[], Callable[[], object]]], dev
     return out
 
 
+def _device(inputs: tuple) -> torch.device:
+    return next((t.device for t in inputs if isinstance(t, torch.Tensor)), torch.device("cpu"))
+
+
 def model_ms(models: Sequence[torch.nn.Module], inputs: tuple, repeats: int = 7, warmup: int = 1) -> list[float]:
     """End-to-end median milliseconds of each model on ``inputs`` (interleaved, see ``interleaved_ms``)."""
-    device = next((t.device for t in inputs if isinstance(t, torch.Tensor)), torch.device("cpu"))
-    calls = [(lambda m=m: m(*inputs)) for m in models]
-    return interleaved_ms(calls, device, warmup=warmup, repeats=repeats)
+    return interleaved_ms([(lambda m=m: m(*inputs)) for m in models], _device(inputs), warmup=warmup,
+                          repeats=repeats)
+
+
+def model_ratios(models: Sequence[torch.nn.Module], inputs: tuple, repeats: int = 9,
+                 warmup: int = 1) -> tuple[list[float], list[float]]:
+    """Median milliseconds of each model on ``inputs``, and the median over rounds of each model's time divided by
+    the first model's in the same round (interleaved as in ``interleaved_ms``). The per-round ratio cancels the
+    machine's drift between rounds, which a ratio of medians does not."""
+    times = _rounds([(lambda m=m: m(*inputs)) for m in models], _device(inputs), warmup, repeats)
+    ratios = [statistics.median(b / a if a else 1.0 for a, b in zip(times[0], t)) for t in times]
+    return [statistics.median(t) for t in times], ratios
 
 
 __all__ = ["MEMORY", "cache_path", "device_name", "key_prefix", "load", "store", "interleaved_ms", "measure_cached",
-           "model_ms"]
+           "model_ms", "model_ratios"]

@@ -5,9 +5,12 @@ at a coarse grid of kept widths (``FRACTIONS`` of each width, on multiples of it
 always included) and interpolated bilinearly in between; the grid values come from the shared cache
 (``cache.measure_cached``: timed once per distinct op signature and shape, interleaved, on the device and dtype of
 the layer's weights at the recorded input shapes, batch size included). Other layers (matmuls,
-``nn.MultiheadAttention``) cost the table's mean milliseconds per MAC times their MACs. ``residual_ms`` is what
-the whole model takes beyond the table's layers (norms, activations, pooling); ``calibrate`` sets it from an
-end-to-end measurement.
+``nn.MultiheadAttention``) cost the table's mean milliseconds per MAC times their MACs.
+
+What the whole model takes beyond those layers (norms, activations, pooling, adds, the interpreter) is modelled as
+``residual_ms + ms_per_element * elements``: a constant, plus a cost per element of every other node's output
+(*volume* entries, one per tensor-producing node; memory-bound ops cost about their output size). ``calibrate``
+fits both to end-to-end measurements: the unpruned graph and, to separate the two terms, a pruned one.
 
 ``step(spaces)`` finds where a width's latency curve has its steps (``round_to: "auto"``): the layer's op is timed
 at widths ``M + k`` just above a multiple ``M`` of 64 and the candidate step whose staircase fits the times best
@@ -27,6 +30,7 @@ import torch
 from ..analysis import Analysis
 from ..ir.context import SizeContext
 from ..ir.space import Space
+from ..ir.spec import TensorSpec, spec_of
 from ..ops.registry import OpRule
 from . import cache
 from .ops import OpModel, op_model
@@ -62,10 +66,11 @@ class Entry:
     """One layer of the table."""
 
     node: str
-    rule: OpRule
+    rule: OpRule | None  # None: a volume entry (costs ``ms_per_element`` per element of the node's output)
     model: OpModel | None
     macs: int
-    deps: set[int]  # analysis space indices its widths (or MACs) depend on
+    deps: set[int]  # analysis space indices its widths (or MACs, or output size) depend on
+    elements: int = 0  # a volume entry's output elements, unpruned
     grid: tuple[np.ndarray, np.ndarray] = (np.zeros(0), np.zeros(0))
     values: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))
     full_ms: float = 0.0
@@ -131,24 +136,34 @@ class LatencyTable:
             if macs or model is not None:
                 self.entries.append(Entry(node.name, rule, model, int(macs), deps))
         self._nodes = {n.name: n for n in analysis.gm.graph.nodes}
+        layer_nodes = {e.node for e in self.entries}
+        for node in analysis.gm.graph.nodes:
+            if (node.op in ("call_function", "call_method", "call_module") and node.name not in layer_nodes
+                    and isinstance(spec_of(node), TensorSpec)):
+                rec = _Recording(analysis.param_sizes)
+                elements = math.prod(rec.shape(node))
+                deps = {analysis.index[sp] for sp in rec.seen if sp in analysis.index}
+                self.entries.append(Entry(node.name, None, None, 0, deps, elements=int(elements)))
         self._fill([e for e in self.entries if e.model is not None], step_of or (lambda s: 1), fractions)
         timed = [e for e in self.entries if e.model is not None]
         timed_macs = sum(e.macs for e in timed)
         self.ms_per_mac = sum(e.full_ms for e in timed) / timed_macs if timed_macs else 0.0
         for e in self.entries:
-            if e.model is None:
+            if e.model is None and e.rule is not None:
                 e.full_ms = self.ms_per_mac * e.macs
         self.by_space: dict[int, list[int]] = {}
         for i, e in enumerate(self.entries):
             for sp in e.deps:
                 self.by_space.setdefault(sp, []).append(i)
         self.residual_ms = 0.0
+        self.ms_per_element = 0.0
         self.scale = 1.0
-        self.layers_ms = sum(e.full_ms for e in self.entries)
+        self.layers_ms = sum(e.full_ms for e in self.entries if e.rule is not None)
+        self.elements = sum(e.elements for e in self.entries)
         self.build_s = time.perf_counter() - start
-        log.info("latency table: %d layers (%d timed, %d distinct shapes), %.3f ms, built in %.1f s",
-                 len(self.entries), len(timed), len({e.model.signature + str(e.model.full) for e in timed
-                                                     if e.model}), self.layers_ms, self.build_s)
+        log.info("latency table: %d layers (%d timed, %d distinct shapes), %.3f ms, %d volume nodes, built in %.1f s",
+                 len(layer_nodes), len(timed), len({e.model.signature + str(e.model.full) for e in timed if e.model}),
+                 self.layers_ms, len(self.entries) - len(layer_nodes), self.build_s)
 
     # -- measuring ----------------------------------------------------------------------------------------------------
     def _key(self, model: OpModel, a: int, b: int) -> str:
@@ -188,31 +203,72 @@ class LatencyTable:
     # -- predicting ---------------------------------------------------------------------------------------------------
     def entry_ms(self, i: int, s: SizeContext) -> float:
         e = self.entries[i]
+        if e.rule is None:
+            return self.ms_per_element * math.prod(s.shape(self._nodes[e.node])) if self.ms_per_element else 0.0
         if e.model is None:
             return self.ms_per_mac * e.rule.macs(self._nodes[e.node], s)
         a, b = e.model.widths(s)
         return _interp(e.grid, e.values, a, b)
 
     def layers_at(self, new_sizes: dict[Space, int]) -> float:
-        """The table's layers' milliseconds at ``new_sizes``."""
+        """The table's layers' milliseconds at ``new_sizes`` (volume entries excluded)."""
         s = SizeContext(new_sizes, self.a.param_sizes)
-        return sum(self.entry_ms(i, s) for i in range(len(self.entries)))
+        return sum(self.entry_ms(i, s) for i, e in enumerate(self.entries) if e.rule is not None)
+
+    def elements_at(self, new_sizes: dict[Space, int]) -> int:
+        """The volume entries' output elements at ``new_sizes``."""
+        s = SizeContext(new_sizes, self.a.param_sizes)
+        return sum(math.prod(s.shape(self._nodes[e.node])) for e in self.entries if e.rule is None)
 
     def predict(self, new_sizes: dict[Space, int]) -> float:
-        """Predicted end-to-end milliseconds at ``new_sizes``: ``residual_ms + scale * layers``."""
-        return self.residual_ms + self.scale * self.layers_at(new_sizes)
+        """Predicted end-to-end milliseconds at ``new_sizes``:
+        ``residual_ms + scale * (layers + ms_per_element * elements)``."""
+        return self.residual_ms + self.scale * (self.layers_at(new_sizes)
+                                                + self.ms_per_element * self.elements_at(new_sizes))
 
     @property
     def base_ms(self) -> float:
         """Predicted milliseconds of the unpruned graph."""
-        return self.residual_ms + self.scale * self.layers_ms
+        return self.residual_ms + self.scale * (self.layers_ms + self.ms_per_element * self.elements)
 
-    def calibrate(self, measured_ms: float, max_residual: float = 0.25) -> None:
-        """Make the unpruned prediction equal an end-to-end measurement: what the table's layers leave out becomes
-        the constant ``residual_ms``, up to ``max_residual`` of the measurement; beyond that (a machine busier than
-        while the table was timed) the layers are scaled (``scale``)."""
-        self.residual_ms = min(max(0.0, measured_ms - self.layers_ms), max_residual * measured_ms)
-        self.scale = (measured_ms - self.residual_ms) / self.layers_ms if self.layers_ms else 1.0
+    @property
+    def outside_ms(self) -> float:
+        """Predicted milliseconds of the unpruned graph outside the table's layers (constant and volume terms)."""
+        return self.base_ms - self.scale * self.layers_ms
+
+    def calibrate(self, measured: float | Sequence[tuple[dict[Space, int], float]],
+                  max_residual: float = 0.5) -> None:
+        """Fit the prediction to end-to-end measurements: ``measured`` is the unpruned graph's milliseconds, or
+        ``(new_sizes, ms)`` pairs whose first is the unpruned graph (``{}``).
+
+        What the layers leave out, ``ms - layers``, is fitted as ``residual_ms + ms_per_element * elements`` (least
+        squares, both terms non-negative; with one measurement, or sizes that leave the elements unchanged, the
+        constant alone). It may be at most ``max_residual`` of the unpruned measurement: beyond that (a machine
+        busier than while the table was timed), and where the layers alone exceed it, the layers are scaled
+        (``scale``) instead."""
+        points = [({}, float(measured))] if isinstance(measured, (int, float)) else list(measured)
+        full_ms = points[0][1]
+        layers = np.array([self.layers_at(sizes) for sizes, _ in points])
+        elements = np.array([self.elements_at(sizes) for sizes, _ in points], np.float64)
+        ms = np.array([m for _, m in points], np.float64)
+        outside = full_ms - self.layers_ms
+        self.scale = 1.0
+        if self.layers_ms and (outside < 0 or outside > max_residual * full_ms):
+            self.scale = (full_ms - min(max(0.0, outside), max_residual * full_ms)) / self.layers_ms
+        rest = ms - self.scale * layers  # what the layers leave out, per measurement
+        self.residual_ms, per_element = float(max(0.0, rest[0])), 0.0
+        if len(points) > 1 and np.ptp(elements) > 0:
+            design = np.stack([np.ones_like(elements), elements], 1)
+            r0, q = np.linalg.lstsq(design, rest, rcond=None)[0]
+            if q <= 0:
+                r0, q = max(0.0, float(rest.mean())), 0.0
+            elif r0 < 0:
+                r0, q = 0.0, max(0.0, float(rest @ elements / (elements @ elements)))
+            self.residual_ms, per_element = float(r0), float(q)
+        self.ms_per_element = per_element / self.scale
+        log.info("latency table calibrated on %d measurement(s): %.3f ms constant + %.3g ms per element "
+                 "(%.3f ms of the unpruned graph's %.3f), layers x%.3f", len(points), self.residual_ms, per_element,
+                 self.outside_ms, full_ms, self.scale)
 
     # -- round_to "auto" ----------------------------------------------------------------------------------------------
     def step(self, spaces: Iterable[Space], limit: int) -> int:

@@ -25,7 +25,7 @@ from ..plan import Plan
 from ..planner import Budget, Planner, group_key
 from ..recover import stage_begin, stage_finish
 from .base import ChannelPruningStage, RecoveringStage, register_stage, validate_counts
-from .latency_target import corrected, latency_table, resolve_budget
+from .latency_target import calibrate, corrected, latency_table, resolve_budget
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +141,7 @@ def prune_channels(gm: fx.GraphModule, stage: ChannelPruningStage, ctx: ScoreCon
         a = analyze(gm, stage.ignore, options)
         table = None
         if kind == "latency" or (stage.round_to == "auto" and step == 1):
-            table = latency_table(a, budget, inputs, calibrate=kind == "latency")
+            table = latency_table(a, budget)
         wanted = groups(a) if groups is not None else None
         if step == 1:
             budget = resolve_budget(a, budget, stage.round_to, table, wanted)
@@ -150,6 +150,8 @@ def prune_channels(gm: fx.GraphModule, stage: ChannelPruningStage, ctx: ScoreCon
                           groups=wanted, latency=table)
         if groups is not None and not planner.orders:
             log.warning("%s stage: nothing of this kind is prunable in this model", stage.kind)
+        if kind == "latency":
+            calibrate(gm, planner, stage.target_value / steps, inputs)
         base = base or {"macs": planner.counter.base_macs, "params": planner.counter.total_params,
                         "latency": table.base_ms if table is not None and kind == "latency" else 0.0}
         goal = stage.target_value * step / steps

@@ -39,7 +39,7 @@ from ..plan import Plan
 from ..planner import Planner, group_key
 from ..recover import stage_begin, stage_finish
 from .base import RecoveringStage, is_number, register_stage, validate_counts
-from .latency_target import latency_table, resolve_budget
+from .latency_target import calibrate, latency_table, resolve_budget
 
 log = logging.getLogger(__name__)
 
@@ -164,10 +164,12 @@ def run_iterative_stage(gm: fx.GraphModule, stage: IterativeStage, ctx: ScoreCon
         a = analyze(gm, stage.ignore, ctx.analysis_options)
         table = None
         if stage.metric == "latency" or (stage.round_to == "auto" and step == 1):
-            table = latency_table(a, budget, inputs, calibrate=stage.metric == "latency")
+            table = latency_table(a, budget)
         if step == 1:
             budget = resolve_budget(a, budget, stage.round_to, table, None)
         planner = Planner(a, criterion.score(a, ctx), budget, latency=table)
+        if stage.metric == "latency":
+            calibrate(gm, planner, stage.target_value / stage.steps, inputs)
         now = _amount(planner, stage.metric, {})
         base = base if base is not None else now
         need = 1 - (1 - stage.target_value) * base / now if now else 0.0

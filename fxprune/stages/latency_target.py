@@ -1,13 +1,15 @@
 """What the channel stages do for ``target: {"latency": f}`` and ``round_to: "auto"``.
 
-- ``latency_table`` measures the per-layer lookup table of the analysed graph (``fxprune.latency.LatencyTable``) and
-  calibrates it with one end-to-end timing of the graph on the example inputs (their device, dtype and batch size,
-  at the current thread count), so its prediction covers what the table's layers leave out.
+- ``latency_table`` measures the per-layer lookup table of the analysed graph (``fxprune.latency.LatencyTable``);
+  ``calibrate`` fits what the table's layers leave out to end-to-end timings on the example inputs (their device,
+  dtype and batch size, at the current thread count): the graph, and the graph pruned by the planner's MACs plan at
+  the requested fraction (a probe), timed interleaved. With the two, the part of the rest that shrinks with the
+  widths (norms, activations, adds) is told apart from the part that does not (the interpreter, fixed-size ops).
 - ``resolve_budget`` turns ``round_to: "auto"`` into one step per group (``Budget.group_round_to``), read off the
   table (``LatencyTable.step``); the stage records the choice in ``Plan.round_to``.
 - ``corrected`` checks a latency plan end to end: the pruned graph and the unpruned one are timed interleaved, and
   while the measured ratio misses the requested one by more than ``TOLERANCE`` the planner is re-run against a
-  new planned fraction (``next_target``: scaling, then secant, then bisection-like regula falsi once two tries
+  new planned fraction (``next_target``: a line fitted to the tries so far, then regula falsi once two tries
   bracket the request; at most ``MAX_CORRECTIONS`` times, within ``MAX_SHIFT`` of the request), and the try whose
   measured ratio is closest to the request wins.
 """
@@ -23,7 +25,7 @@ import torch.fx as fx
 
 from ..analysis import Analysis
 from ..errors import BudgetError
-from ..latency import LatencyTable, model_ms
+from ..latency import LatencyTable, model_ratios
 from ..passes.shrink_channels import ShrinkChannels
 from ..planner import Budget, Planner, group_key
 
@@ -31,17 +33,39 @@ log = logging.getLogger(__name__)
 
 TOLERANCE = 0.03
 MAX_CORRECTIONS = 5
-MAX_SHIFT = 0.15  # a correction moves the planned fraction by at most this much from the requested one
+MAX_SHIFT = 0.2  # a correction moves the planned fraction by at most this much from the requested one
+REPEATS = 9  # interleaved rounds of each end-to-end timing
 
 
-def latency_table(a: Analysis, budget: Budget, inputs: tuple, calibrate: bool = True) -> LatencyTable:
-    """The measured lookup table of ``a``'s graph, its grid on the budget's ``round_to`` (in channels); calibrated
-    end to end on ``inputs`` unless ``calibrate`` is false."""
+def latency_table(a: Analysis, budget: Budget) -> LatencyTable:
+    """The measured lookup table of ``a``'s graph, its grid on the budget's ``round_to`` (in channels), not yet
+    calibrated (``calibrate``)."""
     step = 1 if budget.round_units else max(1, budget.round_to)
-    table = LatencyTable(a, step_of=lambda space: step)
-    if calibrate:
-        table.calibrate(model_ms([a.gm], inputs)[0])
-    return table
+    return LatencyTable(a, step_of=lambda space: step)
+
+
+def calibrate(gm: fx.GraphModule, planner: Planner, fraction: float, inputs: tuple) -> None:
+    """Calibrate ``planner``'s table on ``gm`` and on ``gm`` pruned by the planner's plan removing ``fraction`` of
+    its MACs (the probe; ``gm`` alone when no such plan exists), timed interleaved on ``inputs``."""
+    table = planner.latency
+    assert table is not None
+    models: list[fx.GraphModule] = [gm]
+    probe = np.zeros(0, np.int64)
+    if fraction > 0:
+        try:
+            probe = planner.solve("flops", min(fraction, 0.9))
+        except BudgetError as exc:
+            log.info("latency calibration without a probe: %s", exc)
+    if len(probe):
+        trial = copy.deepcopy(gm)
+        ShrinkChannels(planner.plan(probe), inputs, planner.a)(trial)
+        models.append(trial)
+    times, ratios = model_ratios(models, inputs, repeats=REPEATS)
+    del models
+    points: list[tuple[dict, float]] = [({}, times[0])]
+    if len(probe):
+        points.append((planner.new_sizes(probe), ratios[1] * times[0]))
+    table.calibrate(points)
 
 
 def resolve_budget(a: Analysis, budget: Budget, round_to: object, table: LatencyTable | None,
@@ -69,28 +93,38 @@ def _histogram(values: Collection[int]) -> dict[int, int]:
     return out
 
 
-def next_target(tried: Sequence[tuple[float, float]], wanted: float, rel: float, predicted: float) -> float:
-    """The next planned fraction to try, from the (planned fraction, measured ratio) pairs ``tried`` so far.
+def next_target(tried: Sequence[tuple[float, float, float]], wanted: float, rel: float) -> float:
+    """The next planned fraction to try, from the (planned fraction, predicted ratio, measured ratio) triples
+    ``tried`` so far.
 
-    The measured ratio falls as the planned fraction grows. With a pair on each side of ``wanted``, the closest two
+    The measured ratio falls as the planned fraction grows. With a try on each side of ``wanted``, the closest two
     bracket it and the next try interpolates between them (regula falsi, kept inside the bracket's middle 80%, so
-    that noise cannot stall it at one end). Without a bracket, the first step scales by measured / predicted and
-    later steps go along the secant of the last two tries (or the scaling when their slope is not negative). Every
-    step stays within ``MAX_SHIFT`` of the request ``rel``."""
-    above = [(t, m) for t, m in tried if m > wanted]  # too slow: remove more
-    below = [(t, m) for t, m in tried if m <= wanted]
+    that noise cannot stall it at one end). Without a bracket, a line fitted to every try by least squares (measured
+    against planned; from one try, or tries too close together, the line through the unpruned model's (0, 1)
+    scaled by the measured / predicted savings) says where ``wanted`` lies: fitting all tries averages their timing
+    noise, where a secant through the last two would amplify it. Every step stays within ``MAX_SHIFT`` of the
+    request ``rel``."""
+    pairs = [(t, m) for t, _, m in tried]
+    above = [(t, m) for t, m in pairs if m > wanted]  # too slow: remove more
+    below = [(t, m) for t, m in pairs if m <= wanted]
     if above and below:
         t0, m0 = max(above)  # the largest fraction still too slow
         t1, m1 = min(below)  # the smallest fraction fast enough
         if t1 > t0:
             t = t0 + (t1 - t0) * (m0 - wanted) / (m0 - m1) if m0 != m1 else 0.5 * (t0 + t1)
             return min(max(t, t0 + 0.1 * (t1 - t0)), t0 + 0.9 * (t1 - t0))
-    t_last, m_last = tried[-1]
-    t = 1.0 - predicted * wanted / m_last if m_last else t_last
-    if len(tried) > 1:
-        (ta, ma), (tb, mb) = tried[-2], tried[-1]
-        if tb != ta and (mb - ma) / (tb - ta) < 0:
-            t = tb + (wanted - mb) * (tb - ta) / (mb - ma)
+    ts = np.array([t for t, _ in pairs])
+    ms = np.array([m for _, m in pairs])
+    t = float("nan")
+    if len(pairs) > 1 and np.ptp(ts) >= 0.02:
+        slope, intercept = np.polyfit(ts, ms, 1)
+        if slope < 0:
+            t = (wanted - intercept) / slope
+    if not np.isfinite(t):
+        saved = np.array([1.0 - p for _, p, _ in tried])
+        gain = float(saved @ (1.0 - ms) / (saved @ saved)) if saved @ saved > 0 else 1.0
+        t_last, p_last, _ = tried[-1]
+        t = t_last + (p_last - (1.0 - (1.0 - wanted) / gain)) if gain > 0 else t_last + MAX_SHIFT
     t = min(0.999, max(0.0, t))
     return min(max(t, rel - MAX_SHIFT), rel + MAX_SHIFT)  # a noisy timing must not run away
 
@@ -99,30 +133,30 @@ def corrected(gm: fx.GraphModule, planner: Planner, removed: np.ndarray, rel: fl
               inputs: tuple) -> tuple[np.ndarray, dict[str, float]]:
     """``removed`` (planned for the fraction ``rel`` of ``gm``'s latency), corrected until the pruned graph's
     measured latency ratio is within ``TOLERANCE`` of ``1 - rel``; returns the units closest to the request among
-    those tried, and the latency stats."""
+    those tried, and the latency stats. Each try is timed against ``gm`` in interleaved rounds, its ratio the
+    median of the per-round ratios (``model_ratios``)."""
     table = planner.latency
     assert table is not None
     wanted = 1.0 - rel
     internal = rel
-    tried: list[tuple[float, float]] = []
+    tried: list[tuple[float, float, float]] = []
     results: list[tuple[float, np.ndarray, dict[str, float]]] = []
     while True:
         trial = copy.deepcopy(gm)
         ShrinkChannels(planner.plan(removed), inputs, planner.a)(trial)
-        dense_ms, pruned_ms = model_ms([gm, trial], inputs)
+        (dense_ms, pruned_ms), (_, measured) = model_ratios([gm, trial], inputs, repeats=REPEATS)
         del trial
-        measured = pruned_ms / dense_ms if dense_ms else 1.0
         predicted = table.predict(planner.new_sizes(removed)) / table.base_ms if table.base_ms else 1.0
         log.info("latency target: requested %.3f of the latency, planned %.3f, predicted %.3f, measured %.3f "
                  "(%.2f of %.2f ms)", wanted, 1.0 - internal, predicted, measured, pruned_ms, dense_ms)
-        tried.append((internal, measured))
+        tried.append((internal, predicted, measured))
         results.append((abs(measured - wanted), removed, {
-            "latency_base_ms": dense_ms, "latency_measured_ms": pruned_ms, "latency_measured_ratio": measured,
-            "latency_predicted_ratio": predicted, "latency_predicted_ms": predicted * dense_ms,
-            "latency_planned_ratio": 1.0 - internal}))
+            "latency_base_ms": dense_ms, "latency_measured_ms": measured * dense_ms,
+            "latency_measured_ratio": measured, "latency_predicted_ratio": predicted,
+            "latency_predicted_ms": predicted * dense_ms, "latency_planned_ratio": 1.0 - internal}))
         if abs(measured - wanted) <= TOLERANCE * wanted or len(tried) > MAX_CORRECTIONS:
             break
-        retarget = next_target(tried, wanted, rel, predicted)
+        retarget = next_target(tried, wanted, rel)
         try:
             candidate = planner.solve("latency", retarget)
         except BudgetError as exc:
@@ -136,4 +170,5 @@ def corrected(gm: fx.GraphModule, planner: Planner, removed: np.ndarray, rel: fl
     return removed, stats
 
 
-__all__ = ["latency_table", "resolve_budget", "corrected", "next_target", "TOLERANCE", "MAX_CORRECTIONS"]
+__all__ = ["latency_table", "calibrate", "resolve_budget", "corrected", "next_target", "TOLERANCE",
+           "MAX_CORRECTIONS", "MAX_SHIFT"]
