@@ -221,10 +221,10 @@ class LatencyTable:
         return sum(math.prod(s.shape(self._nodes[e.node])) for e in self.entries if e.rule is None)
 
     def predict(self, new_sizes: dict[Space, int]) -> float:
-        """Predicted end-to-end milliseconds at ``new_sizes``:
-        ``residual_ms + scale * (layers + ms_per_element * elements)``."""
-        return self.residual_ms + self.scale * (self.layers_at(new_sizes)
-                                                + self.ms_per_element * self.elements_at(new_sizes))
+        """Predicted end-to-end milliseconds at ``new_sizes``: ``residual_ms + scale * (layers + ms_per_element *
+        elements)``, i.e. the constant plus every entry (the sum the planner's greedy keeps)."""
+        s = SizeContext(new_sizes, self.a.param_sizes)
+        return self.residual_ms + self.scale * sum(self.entry_ms(i, s) for i in range(len(self.entries)))
 
     @property
     def base_ms(self) -> float:

@@ -44,6 +44,13 @@ def latency_table(a: Analysis, budget: Budget) -> LatencyTable:
     return LatencyTable(a, step_of=lambda space: step)
 
 
+def _pruned_copy(gm: fx.GraphModule, planner: Planner, removed: np.ndarray, inputs: tuple) -> fx.GraphModule:
+    """A copy of ``gm`` shrunk by the planner's plan for the units ``removed`` (``gm`` is left as it is)."""
+    trial = copy.deepcopy(gm)
+    ShrinkChannels(planner.plan(removed), inputs, planner.a)(trial)
+    return trial
+
+
 def calibrate(gm: fx.GraphModule, planner: Planner, fraction: float, inputs: tuple) -> None:
     """Calibrate ``planner``'s table on ``gm`` and on ``gm`` pruned by the planner's plan removing ``fraction`` of
     its MACs (the probe; ``gm`` alone when no such plan exists), timed interleaved on ``inputs``."""
@@ -57,11 +64,8 @@ def calibrate(gm: fx.GraphModule, planner: Planner, fraction: float, inputs: tup
         except BudgetError as exc:
             log.info("latency calibration without a probe: %s", exc)
     if len(probe):
-        trial = copy.deepcopy(gm)
-        ShrinkChannels(planner.plan(probe), inputs, planner.a)(trial)
-        models.append(trial)
+        models.append(_pruned_copy(gm, planner, probe, inputs))
     times, ratios = model_ratios(models, inputs, repeats=REPEATS)
-    del models
     points: list[tuple[dict, float]] = [({}, times[0])]
     if len(probe):
         points.append((planner.new_sizes(probe), ratios[1] * times[0]))
@@ -142,10 +146,8 @@ def corrected(gm: fx.GraphModule, planner: Planner, removed: np.ndarray, rel: fl
     tried: list[tuple[float, float, float]] = []
     results: list[tuple[float, np.ndarray, dict[str, float]]] = []
     while True:
-        trial = copy.deepcopy(gm)
-        ShrinkChannels(planner.plan(removed), inputs, planner.a)(trial)
-        (dense_ms, pruned_ms), (_, measured) = model_ratios([gm, trial], inputs, repeats=REPEATS)
-        del trial
+        (dense_ms, pruned_ms), (_, measured) = model_ratios([gm, _pruned_copy(gm, planner, removed, inputs)], inputs,
+                                                            repeats=REPEATS)
         predicted = table.predict(planner.new_sizes(removed)) / table.base_ms if table.base_ms else 1.0
         log.info("latency target: requested %.3f of the latency, planned %.3f, predicted %.3f, measured %.3f "
                  "(%.2f of %.2f ms)", wanted, 1.0 - internal, predicted, measured, pruned_ms, dense_ms)
