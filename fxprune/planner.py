@@ -7,7 +7,9 @@ threshold on raw scores per module family, the same fraction in every family (``
 groups in no family are left alone). FLOPs and parameter budgets are met by bisection on that fraction, counting
 MACs and parameters at the shrunk sizes. A latency budget (``fxprune.latency.LatencyTable``) is met greedily: the
 next ``round_to`` chunk of the group whose score per predicted millisecond saved is lowest goes first, until the
-table predicts the target.
+table predicts the target; a chunk's score is scaled by its group's units over the units it would keep (the width
+penalty), so that no layer is emptied for its cheap milliseconds while the same scores spread over several layers
+would do.
 """
 from __future__ import annotations
 
@@ -279,8 +281,8 @@ class Planner:
 
     def _solve_latency(self, target: float) -> np.ndarray:
         """Greedy on the table: take the next chunk (down to the next multiple of the group's step) of the group
-        whose chunk has the lowest normalized score per predicted millisecond saved, until the prediction is at or
-        below ``(1 - target)`` of the unpruned one."""
+        whose chunk has the lowest normalized score per predicted millisecond saved, times the width penalty
+        ``n_units / kept after the chunk``, until the prediction is at or below ``(1 - target)`` of the unpruned one."""
         table, a = self._table(), self.a
         goal = (1.0 - target) * table.base_ms
         sizes = a.sizes.astype(np.int64).copy()
@@ -324,6 +326,8 @@ class Planner:
             if len(units):
                 saved = saving(i, units)
                 cost = float(np.sum(np.maximum(self.unit_score[units], 0.0)))
+                o = self.orders[i]  # the fewer units a group keeps, the more its next ones are worth
+                cost *= o.n_units / max(1, o.n_units - taken[i] - len(units))
                 if saved > 1e-12 and np.isfinite(cost):
                     heapq.heappush(heap, (cost / saved, i, version[i]))
 

@@ -9,7 +9,7 @@ from torch import nn
 
 from .copies import shared_copy
 from .inputs import as_input_tuple
-from .latency import model_ms
+from .latency import model_ratios
 from .modes import eval_no_grad
 from .submodule import capture_inputs
 from .trace import record_shapes, trace, unwrap
@@ -121,8 +121,8 @@ def report(before: nn.Module, after: nn.Module, example_inputs: Any, measure_lat
                  list(plan.frozen) if plan is not None else [], sub, notes)
     if measure_latency:
         with eval_no_grad(before, after):
-            t0, t1 = model_ms([before, after], inputs)
-        out.latency_ms = (t0, t1)
+            (t0, _), (_, ratio_after) = model_ratios([before, after], inputs)
+        out.latency_ms = (t0, ratio_after * t0)  # the after time from the median per-round ratio
         ratio = plan.stats.get("latency_predicted_ratio") if plan is not None else None
         out.predicted_ms = float(ratio) * t0 if ratio is not None else None
     return out

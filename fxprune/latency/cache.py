@@ -133,21 +133,22 @@ def _device(inputs: tuple) -> torch.device:
     return next((t.device for t in inputs if isinstance(t, torch.Tensor)), torch.device("cpu"))
 
 
-def model_ms(models: Sequence[torch.nn.Module], inputs: tuple, repeats: int = 7, warmup: int = 1) -> list[float]:
-    """End-to-end median milliseconds of each model on ``inputs`` (interleaved, see ``interleaved_ms``)."""
-    return interleaved_ms([(lambda m=m: m(*inputs)) for m in models], _device(inputs), warmup=warmup,
-                          repeats=repeats)
+def round_ratios(models: Sequence[torch.nn.Module], inputs: tuple, repeats: int = 9,
+                 warmup: int = 1) -> tuple[list[list[float]], list[list[float]]]:
+    """Milliseconds of each model on ``inputs`` in each of ``repeats`` interleaved rounds (see ``interleaved_ms``),
+    and each model's time divided by the first model's in the same round, round by round (samples to pool)."""
+    times = _rounds([(lambda m=m: m(*inputs)) for m in models], _device(inputs), warmup, repeats)
+    return times, [[b / a if a else 1.0 for a, b in zip(times[0], t)] for t in times]
 
 
 def model_ratios(models: Sequence[torch.nn.Module], inputs: tuple, repeats: int = 9,
                  warmup: int = 1) -> tuple[list[float], list[float]]:
     """Median milliseconds of each model on ``inputs``, and the median over rounds of each model's time divided by
-    the first model's in the same round (interleaved as in ``interleaved_ms``). The per-round ratio cancels the
-    machine's drift between rounds, which a ratio of medians does not."""
-    times = _rounds([(lambda m=m: m(*inputs)) for m in models], _device(inputs), warmup, repeats)
-    ratios = [statistics.median(b / a if a else 1.0 for a, b in zip(times[0], t)) for t in times]
-    return [statistics.median(t) for t in times], ratios
+    the first model's in the same round (``round_ratios``). The per-round ratio cancels the machine's drift between
+    rounds, which a ratio of medians does not."""
+    times, ratios = round_ratios(models, inputs, repeats, warmup)
+    return [statistics.median(t) for t in times], [statistics.median(r) for r in ratios]
 
 
 __all__ = ["MEMORY", "cache_path", "device_name", "key_prefix", "load", "store", "interleaved_ms", "measure_cached",
-           "model_ms", "model_ratios"]
+           "model_ratios", "round_ratios"]

@@ -166,3 +166,34 @@ def test_recipe_fields_and_command_line() -> None:
     with pytest.raises(RecipeError, match="unknown target"):
         fxprune.Recipe.load({"stages": [{"kind": "blocksparse", "target": {"latency": 0.4}}]})
     assert target_spec("latency=0.4") == {"latency": 0.4}
+
+
+class TwoBranches(nn.Module):
+    """Two independent hidden groups of 64: a unit of ``b`` costs twice a unit of ``a`` on the synthetic table."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a1, self.a2 = nn.Linear(16, 64), nn.Linear(64, 16)
+        self.b1, self.b2 = nn.Linear(16, 64), nn.Linear(64, 48)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.a2(torch.relu(self.a1(x))), self.b2(torch.relu(self.b1(x)))], 1)
+
+
+def test_width_penalty_spreads_equal_scores_over_the_groups() -> None:
+    """With equal unit scores, the greedy takes a chunk where score x (units / units kept) per ms saved is lowest:
+    at the fixed point ``64 / kept_a / 0.032 == 64 / kept_b / 0.064``, so ``kept_a == 2 kept_b``; half of the
+    6.144 ms then leaves ``kept_b == 24``, ``kept_a == 48``. (Score per ms alone would strip ``b`` to 16 first.)"""
+    x = torch.randn(4, 16)
+    gm = trace(TwoBranches().eval(), example_inputs=(x,))
+    record_shapes(gm, (x,))
+    a = analyze(gm)
+    table = LatencyTable(a, measure=synthetic)
+    assert np.isclose(table.base_ms, 1e-3 * 64 * (16 + 16 + 16 + 48))
+    planner = Planner(a, np.ones(a.n_units), Budget(), latency=table)
+    removed = planner.solve("latency", 0.5)
+    shrunk = planner.plan(removed)
+    kept = {k[1:-4]: len(v) for k, v in shrunk.kept.items() if k.startswith("@") and k.endswith(":0:0")}
+    assert set(kept) == {"a1", "b1"}  # the layers' output channels
+    assert abs(kept["b1"] - 24) <= 1 and abs(kept["a1"] - 48) <= 2, kept
+    assert planner.reduction(removed, "latency") >= 0.5
