@@ -279,7 +279,11 @@ class Planner:
                 return np.asarray(picked, np.int64)
         return None
 
-    def _solve_latency(self, target: float) -> np.ndarray:
+    def latency_floor(self) -> np.ndarray:
+        """The units the latency greedy removes before it runs out of chunks: the most the table lets go."""
+        return self._solve_latency(1.0, strict=False)
+
+    def _solve_latency(self, target: float, strict: bool = True) -> np.ndarray:
         """Greedy on the table: take the next chunk (down to the next multiple of the group's step) of the group
         whose chunk has the lowest normalized score per predicted millisecond saved, times the width penalty
         ``n_units / kept after the chunk``, until the prediction is at or below ``(1 - target)`` of the unpruned one."""
@@ -348,7 +352,7 @@ class Planner:
                 touched |= groups_of_entry.get(e, set())
             for j in touched | {i}:
                 push(j)
-        if total > goal * (1 + 1e-9):
+        if strict and total > goal * (1 + 1e-9):
             raise BudgetError(f"latency target {target:.3f} cannot be met: the lookup table predicts at most "
                               f"{1 - total / table.base_ms:.3f} of the model's latency can be removed "
                               f"(max_sparsity={self.budget.max_sparsity}, frozen groups and ignored modules excluded; "

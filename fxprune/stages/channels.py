@@ -159,7 +159,7 @@ def prune_channels(gm: fx.GraphModule, stage: ChannelPruningStage, ctx: ScoreCon
         if kind == "latency":
             assert table is not None
             rel = max(0.0, 1 - (1 - goal) * base["latency"] / table.base_ms) if table.base_ms else 0.0
-            removed, stats = corrected(gm, planner, planner.solve(kind, rel), rel, inputs)
+            removed, stats = corrected(gm, planner, rel, inputs)
         elif kind == "sparsity" and budget.scope == "local":
             rel = goal  # local fractions count the units earlier steps removed
         elif kind == "sparsity":

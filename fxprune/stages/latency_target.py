@@ -140,18 +140,31 @@ def _timed(gm: fx.GraphModule, trial: fx.GraphModule, inputs: tuple) -> tuple[li
     return times[0], ratios[1]
 
 
-def corrected(gm: fx.GraphModule, planner: Planner, removed: np.ndarray, rel: float,
+def corrected(gm: fx.GraphModule, planner: Planner, rel: float,
               inputs: tuple) -> tuple[np.ndarray, dict[str, float]]:
-    """``removed`` (planned for the fraction ``rel`` of ``gm``'s latency), corrected until the pruned graph's
+    """The planner's plan for the fraction ``rel`` of ``gm``'s latency, corrected until the pruned graph's
     measured latency ratio is within ``TOLERANCE`` of ``1 - rel``; returns the units closest to the request among
-    those tried, and the latency stats. Each try is timed against ``gm`` in interleaved rounds, its ratio the
-    median of the per-round ratios (``round_ratios``); a try that lands within ``TOLERANCE`` is timed once more
-    and judged on the pooled rounds, so that one lucky timing does not end the search (the closest of several
-    noisy tries is biased towards the request)."""
+    those tried, and the latency stats.
+
+    When the table predicts ``rel`` out of reach, its most-pruned plan (``Planner.latency_floor``) is measured
+    instead: the prediction may be pessimistic (a noisy calibration). If that plan also misses the request by more
+    than ``TOLERANCE`` and is too slow, the ``BudgetError`` is raised with what was measured.
+
+    Each try is timed against ``gm`` in interleaved rounds, its ratio the median of the per-round ratios
+    (``round_ratios``); a try that lands within ``TOLERANCE`` is timed once more and judged on the pooled rounds,
+    so that one lucky timing does not end the search (the closest of several noisy tries is biased towards the
+    request)."""
     table = planner.latency
     assert table is not None
     wanted = 1.0 - rel
     internal = rel
+    try:
+        removed = planner.solve("latency", rel)
+        short: BudgetError | None = None
+    except BudgetError as exc:
+        short, removed = exc, planner.latency_floor()
+        internal = planner.reduction(removed, "latency")
+        log.info("latency target: %s; measuring the table's most-pruned plan (predicted %.3f)", exc, 1 - internal)
     tried: list[tuple[float, float, float]] = []
     results: list[tuple[float, np.ndarray, dict[str, float]]] = []
     while True:
@@ -172,6 +185,11 @@ def corrected(gm: fx.GraphModule, planner: Planner, removed: np.ndarray, rel: fl
             "latency_predicted_ms": predicted * dense_ms, "latency_planned_ratio": 1.0 - internal}))
         if abs(measured - wanted) <= TOLERANCE * wanted or len(tried) > MAX_CORRECTIONS:
             break
+        if short is not None:
+            if measured > wanted:  # the most-pruned plan is too slow: the target is out of reach
+                raise BudgetError(f"{short}; measured, that plan keeps {measured:.3f} of the latency "
+                                  f"(requested {wanted:.3f})") from short
+            short = None
         retarget = next_target(tried, wanted, rel)
         try:
             candidate = planner.solve("latency", retarget)

@@ -70,6 +70,11 @@ def test_planner_meets_a_latency_budget_on_a_synthetic_table_exactly(target: flo
     assert np.isclose(_true_ms(gm) / dense_ms, 1 - reached)  # the prediction is the synthetic truth
     with pytest.raises(BudgetError, match="latency target"):
         planner.solve("latency", 0.99)
+    most = planner.reduction(planner.latency_floor(), "latency")  # the greedy run to exhaustion
+    assert reached < most < 0.99
+    assert planner.reduction(planner.solve("latency", most - 1e-6), "latency") == pytest.approx(most)
+    with pytest.raises(BudgetError, match="latency target"):
+        planner.solve("latency", most + 1e-3)
 
 
 @pytest.mark.parametrize(("gain", "offset", "steps"),
@@ -110,6 +115,15 @@ def test_latency_target_end_to_end_meets_its_predicted_budget_and_masked_equals_
     rep = fxprune.report(model, pruned, x, measure_latency=True)
     assert rep.latency_ms is not None and rep.predicted_ms is not None
     assert "measured" in str(rep) and "predicted" in str(rep)
+
+
+def test_a_target_out_of_reach_is_measured_on_the_most_pruned_plan_then_refused() -> None:
+    model = rescat()
+    x = torch.randn(1, 3, 64, 64)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(BudgetError, match=r"latency target 0\.970 cannot be met.*measured, that plan keeps"):
+        fxprune.compile(model, channel_recipe(0.97, "latency"), example_inputs=x)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
 
 
 def test_round_to_auto_is_recorded_in_the_plan_and_replayed_from_it(tmp_path) -> None:
