@@ -12,13 +12,20 @@ Run (one command; ``--quick`` is a small-scale smoke run, the full run is for a 
    measured ratios, a fresh interleaved re-measurement, MACs ratio (pruned / dense) and efficiency
    (speed-up / MACs reduction).
 2. ``vs_tp``: resnet50 at batch 1: ``flops: 0.5`` (round_to 8), then a latency target equal to the latency that plan
-   measures, then Torch-Pruning (``MetaPruner``, L2 magnitude, round_to 8) bisected to the latency plan's MACs;
+   measures, then Torch-Pruning (``MetaPruner``, L2 magnitude, round_to 8) bisected to the latency plan's MACs (the
+   ratio that came closest);
    dense and all three pruned models timed interleaved in one process. Torch-Pruning is a bench-only dependency
    (``pip install torch-pruning``); the row is skipped when it is missing.
 3. ``digits``: DigitsCNN trained on sklearn digits; ``flops`` plans at 0.3 / 0.5 / 0.7 and for each a ``latency``
    plan at the same measured latency (the latency target set to what the flops plan measures): test accuracy as
-   pruned and after one epoch of fine-tuning; all the models' latency ratios timed side by side on the 360 test images
-   (4x the rounds: they are small).
+   pruned, after BatchNorm re-estimation (``fxprune.recover.bn``, 100 training images) and after one epoch of
+   fine-tuning; all the models' latency ratios timed side by side on the 360 test images (4x the rounds: they are
+   small; three timings pooled). Each latency plan is compared with the flops plans' accuracy-latency line (through
+   dense) at the latency it measured, interpolated between the two flops plans around it.
+
+The process first keeps big CPU blocks in glibc's heap (``timing.steady_allocator``; ``--default-allocator`` to
+skip): with the default, DigitsCNN's megabyte activations pay history-dependent page faults and its timings swing
+by a third from one process to the next.
 
 Timing is noisy on a shared machine: ratios come from interleaved rounds in one process (``timing.py``).
 """
@@ -39,7 +46,7 @@ import fxprune
 from fxprune.work import count_work
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from timing import interleaved_ms
+from timing import interleaved_ms, steady_allocator
 
 log = logging.getLogger("bench_latency_target")
 
@@ -101,18 +108,20 @@ def vs_tp(runs: int, bisect: int) -> list[dict]:
     model = torchvision.models.resnet50(weights=None).eval()
     x = torch.randn(1, 3, 224, 224)
     flops = fxprune.compile(model, channels({"flops": 0.5}), example_inputs=x)
-    r_flops = _ratio(model, flops, x, runs)
+    r_flops = statistics.median(_ratio(model, flops, x, runs) for _ in range(3))  # the target: steadier over three
     lat = fxprune.compile(model, channels({"latency": round(1 - r_flops, 3)}), example_inputs=x)
     models = {"dense": model, "fxprune flops 0.5": flops, "fxprune latency": lat}
     goal = _macs(lat, x) / _macs(model, x)
     try:
-        lo, hi = 0.0, 0.9
+        lo, hi, tried = 0.0, 0.9, []
         for _ in range(bisect):  # TP's channel ratio giving the latency plan's MACs
             mid = (lo + hi) / 2
             got = _macs(_tp_prune(model, x, mid), x) / _macs(model, x)
             log.warning("torch-pruning ratio %.4f: MACs ratio %.4f (goal %.4f)", mid, got, goal)
+            tried.append((abs(got - goal), mid))
             lo, hi = (mid, hi) if got > goal else (lo, mid)
-        models["torch-pruning"] = _tp_prune(model, x, (lo + hi) / 2)
+        # its MACs are not monotone in the ratio at round_to 8: keep the ratio that came closest, not the last one
+        models["torch-pruning"] = _tp_prune(model, x, min(tried)[1])
     except ImportError:
         log.warning("torch_pruning is not installed: pip install torch-pruning (bench-only); its row is skipped")
     t = interleaved_ms({k: (lambda m=m: m(x)) for k, m in models.items()}, runs)
@@ -125,14 +134,36 @@ def vs_tp(runs: int, bisect: int) -> list[dict]:
     return rows
 
 
-def digits(epochs: int, runs: int, fractions: tuple[float, ...] = (0.3, 0.5, 0.7)) -> list[dict]:
-    from digits import DigitsCNN, accuracy, finetuned, train
+def _on_line(points: list[tuple[float, float]], at: float) -> float | None:
+    """The accuracy the line through ``points`` (measured latency ratio, accuracy) gives at latency ``at``, by
+    linear interpolation between the two points around it; None outside their span (no extrapolation)."""
+    pts = sorted(points)
+    for (l0, a0), (l1, a1) in zip(pts, pts[1:]):
+        if l0 <= at <= l1:
+            return a0 + (a1 - a0) * (at - l0) / (l1 - l0) if l1 > l0 else max(a0, a1)
+    return None
+
+
+def _bn_reestimated(m: torch.nn.Module, calib: list) -> torch.nn.Module:
+    from fxprune.recover.bn import reestimate
+
+    out = copy.deepcopy(m)
+    reestimate(out, [x for x, _ in calib])
+    return out
+
+
+def digits(epochs: int, runs: int, fractions: tuple[float, ...] = (0.3, 0.5, 0.7),
+           line_only: tuple[float, ...] = (0.85,), timings: int = 3) -> list[dict]:
+    """Flops plans and latency plans on DigitsCNN, timed side by side; each latency plan's accuracy against the
+    flops plans' accuracy-latency line (through dense) at the latency the latency plan measured."""
+    from digits import DigitsCNN, accuracy, calibration, finetuned, train
     from digits import digits as load
 
     tr, _, te = load()
     torch.manual_seed(0)
     model = train(DigitsCNN(), tr, epochs, 3e-3)
     x = te.x  # all 360 test images: at 64 the interpreter's overhead and the noise swamp the layers
+    calib = calibration(tr)
     runs *= 4  # small models: more rounds
     plans: dict[str, torch.nn.Module] = {"dense": model}
     for f in fractions:  # each flops plan, and a latency plan asked for the latency that flops plan measures
@@ -141,14 +172,25 @@ def digits(epochs: int, runs: int, fractions: tuple[float, ...] = (0.3, 0.5, 0.7
         plans[f"flops {f}"] = flops
         plans[f"latency {1 - r:.3f} (= flops {f})"] = fxprune.compile(
             model, channels({"latency": round(1 - r, 3)}, round_to=1), example_inputs=x)
-    t = interleaved_ms({k: (lambda m=m: m(x)) for k, m in plans.items()}, runs)  # all side by side
+    for f in line_only:  # the line's low-latency end, so that the fastest latency plan falls inside it
+        plans[f"flops {f}"] = fxprune.compile(model, channels({"flops": f}, round_to=1), example_inputs=x)
+    ratios: dict[str, list[float]] = {k: [] for k in plans}
+    for _ in range(timings):  # all side by side, pooled over a few timings
+        t = interleaved_ms({k: (lambda m=m: m(x)) for k, m in plans.items()}, runs)
+        for k in plans:
+            ratios[k] += [p / d for d, p in zip(t["dense"], t[k])]
     rows = []
     for name, m in plans.items():
-        tuned = finetuned(m, tr, 1) if m is not model else m
-        rows.append({"plan": name, "measured_latency_ratio": statistics.median(
-                         p / d for d, p in zip(t["dense"], t[name])),
+        rows.append({"plan": name, "measured_latency_ratio": statistics.median(ratios[name]),
                      "macs_ratio": _macs(m, x) / _macs(model, x), "accuracy_pruned": accuracy(m, te),
-                     "accuracy_1_epoch": accuracy(tuned, te)})
+                     "accuracy_bn": accuracy(_bn_reestimated(m, calib), te) if m is not model else accuracy(m, te),
+                     "accuracy_1_epoch": accuracy(finetuned(m, tr, 1), te) if m is not model else accuracy(m, te)})
+    line = [r for r in rows if not r["plan"].startswith("latency")]
+    for r in rows:
+        if r["plan"].startswith("latency"):
+            for acc in ("accuracy_pruned", "accuracy_bn", "accuracy_1_epoch"):
+                on = _on_line([(q["measured_latency_ratio"], q[acc]) for q in line], r["measured_latency_ratio"])
+                r[f"flops_line_{acc[9:]}"] = on if on is not None else "outside"
     return rows
 
 
@@ -169,9 +211,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--skip", nargs="*", default=[], choices=["targets", "vs_tp", "digits"])
     parser.add_argument("--models", nargs="*", default=["resnet50", "mobilenet_v3_large", "vit_b_16"],
                         help="torchvision models of the targets part")
+    parser.add_argument("--default-allocator", action="store_true",
+                        help="time with glibc's default allocator (page faults on big activations; noisier)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING)
+    if not args.default_allocator:
+        steady_allocator()
     runs = 5 if args.quick else 15
     if "targets" not in args.skip:
         rows = (targets(["resnet50"], [1], [0.3], runs) if args.quick else

@@ -133,12 +133,38 @@ def _device(inputs: tuple) -> torch.device:
     return next((t.device for t in inputs if isinstance(t, torch.Tensor)), torch.device("cpu"))
 
 
-def round_ratios(models: Sequence[torch.nn.Module], inputs: tuple, repeats: int = 9,
-                 warmup: int = 1) -> tuple[list[list[float]], list[list[float]]]:
+def median_halfwidth(samples: Sequence[float]) -> float:
+    """The half-width of an approximate 95% confidence interval of the median of ``samples``: 1.96 times the
+    median's asymptotic standard error, 1.2533 sigma / sqrt(n), with sigma estimated robustly as IQR / 1.349.
+    Infinite below 4 samples."""
+    if len(samples) < 4:
+        return float("inf")
+    q1, _, q3 = statistics.quantiles(samples, n=4)
+    return 1.96 * 1.2533 * (q3 - q1) / 1.349 / len(samples) ** 0.5
+
+
+def round_ratios(models: Sequence[torch.nn.Module], inputs: tuple, repeats: int = 9, warmup: int = 1,
+                 precision: float | None = None,
+                 max_s: float = 0.0) -> tuple[list[list[float]], list[list[float]]]:
     """Milliseconds of each model on ``inputs`` in each of ``repeats`` interleaved rounds (see ``interleaved_ms``),
-    and each model's time divided by the first model's in the same round, round by round (samples to pool)."""
-    times = _rounds([(lambda m=m: m(*inputs)) for m in models], _device(inputs), warmup, repeats)
-    return times, [[b / a if a else 1.0 for a, b in zip(times[0], t)] for t in times]
+    and each model's time divided by the first model's in the same round, round by round (samples to pool).
+
+    With ``precision``, ``repeats`` more rounds are added while the median ratio of some model is less precise
+    than that (``median_halfwidth``) and the rounds so far took under ``max_s`` seconds: small, noisy models get
+    the rounds they need, big ones stay at ``repeats``."""
+    calls = [(lambda m=m: m(*inputs)) for m in models]
+    device = _device(inputs)
+    start = time.perf_counter()
+    times = _rounds(calls, device, warmup, repeats)
+
+    def ratios() -> list[list[float]]:
+        return [[b / a if a else 1.0 for a, b in zip(times[0], t)] for t in times]
+
+    while (precision is not None and len(models) > 1 and time.perf_counter() - start < max_s
+           and max(median_halfwidth(r) for r in ratios()[1:]) > precision):
+        for t, more in zip(times, _rounds(calls, device, 0, repeats)):
+            t.extend(more)
+    return times, ratios()
 
 
 def model_ratios(models: Sequence[torch.nn.Module], inputs: tuple, repeats: int = 9,
@@ -151,4 +177,4 @@ def model_ratios(models: Sequence[torch.nn.Module], inputs: tuple, repeats: int 
 
 
 __all__ = ["MEMORY", "cache_path", "device_name", "key_prefix", "load", "store", "interleaved_ms", "measure_cached",
-           "model_ratios", "round_ratios"]
+           "median_halfwidth", "model_ratios", "round_ratios"]

@@ -26,7 +26,7 @@ import torch.fx as fx
 
 from ..analysis import Analysis
 from ..errors import BudgetError
-from ..latency import LatencyTable, model_ratios, round_ratios
+from ..latency import LatencyTable, round_ratios
 from ..passes.shrink_channels import ShrinkChannels
 from ..planner import Budget, Planner, group_key
 
@@ -36,6 +36,7 @@ TOLERANCE = 0.03
 MAX_CORRECTIONS = 5
 MAX_SHIFT = 0.2  # a correction moves the planned fraction by at most this much from the requested one
 REPEATS = 9  # interleaved rounds of each end-to-end timing
+TIMING_S = 2.0  # a timing whose median ratio is less precise than TOLERANCE / 2 gets more rounds, up to this long
 
 
 def latency_table(a: Analysis, budget: Budget) -> LatencyTable:
@@ -66,7 +67,8 @@ def calibrate(gm: fx.GraphModule, planner: Planner, fraction: float, inputs: tup
             log.info("latency calibration without a probe: %s", exc)
     if len(probe):
         models.append(_pruned_copy(gm, planner, probe, inputs))
-    times, ratios = model_ratios(models, inputs, repeats=REPEATS)
+    rounds, samples = round_ratios(models, inputs, repeats=REPEATS, precision=TOLERANCE / 2, max_s=TIMING_S)
+    times, ratios = [statistics.median(t) for t in rounds], [statistics.median(r) for r in samples]
     points: list[tuple[dict, float]] = [({}, times[0])]
     if len(probe):
         points.append((planner.new_sizes(probe), ratios[1] * times[0]))
@@ -134,9 +136,12 @@ def next_target(tried: Sequence[tuple[float, float, float]], wanted: float, rel:
     return min(max(t, rel - MAX_SHIFT), rel + MAX_SHIFT)  # a noisy timing must not run away
 
 
-def _timed(gm: fx.GraphModule, trial: fx.GraphModule, inputs: tuple) -> tuple[list[float], list[float]]:
-    """``gm``'s milliseconds and ``trial``'s per-round ratios to them, over ``REPEATS`` interleaved rounds."""
-    times, ratios = round_ratios([gm, trial], inputs, repeats=REPEATS)
+def _timed(gm: fx.GraphModule, trial: fx.GraphModule, inputs: tuple,
+           wanted: float) -> tuple[list[float], list[float]]:
+    """``gm``'s milliseconds and ``trial``'s per-round ratios to them, over ``REPEATS`` interleaved rounds, more
+    while the median ratio is less precise than half the tolerance around ``wanted`` (for at most ``TIMING_S``)."""
+    times, ratios = round_ratios([gm, trial], inputs, repeats=REPEATS, precision=TOLERANCE * wanted / 2,
+                                 max_s=TIMING_S)
     return times[0], ratios[1]
 
 
@@ -169,9 +174,9 @@ def corrected(gm: fx.GraphModule, planner: Planner, rel: float,
     results: list[tuple[float, np.ndarray, dict[str, float]]] = []
     while True:
         trial = _pruned_copy(gm, planner, removed, inputs)
-        dense, samples = _timed(gm, trial, inputs)
+        dense, samples = _timed(gm, trial, inputs, wanted)
         if abs(statistics.median(samples) - wanted) <= TOLERANCE * wanted:  # confirm before accepting
-            more_dense, more = _timed(gm, trial, inputs)
+            more_dense, more = _timed(gm, trial, inputs, wanted)
             dense, samples = dense + more_dense, samples + more
         dense_ms, measured = statistics.median(dense), statistics.median(samples)
         predicted = table.predict(planner.new_sizes(removed)) / table.base_ms if table.base_ms else 1.0

@@ -3,7 +3,12 @@ re-timed on request."""
 from __future__ import annotations
 
 import json
+import math
+import random
+import statistics
+import time
 
+import numpy as np
 import torch
 
 from fxprune.latency import cache
@@ -59,3 +64,45 @@ def test_an_unreadable_table_is_ignored_and_replaced(tmp_path, monkeypatch) -> N
     calls: list[str] = []
     out = cache.measure_cached({"k": _counting(calls, "k")}, torch.device("cpu"), memory={}, repeats=1)
     assert calls == ["k"] and json.loads((tmp_path / "latency.json").read_text()) == out
+
+
+def test_median_halfwidth_covers_the_true_median_95_percent_of_the_time() -> None:
+    g = np.random.default_rng(0)
+    n, trials = 200, 400
+    hits, widths = 0, []
+    for _ in range(trials):
+        samples = list(g.standard_normal(n))
+        h = cache.median_halfwidth(samples)
+        widths.append(h)
+        hits += abs(statistics.median(samples)) <= h
+    assert abs(statistics.median(widths) - 1.96 * math.sqrt(math.pi / 2) / math.sqrt(n)) < 0.01
+    assert 0.92 <= hits / trials <= 0.98
+    assert cache.median_halfwidth([1.0, 2.0, 3.0]) == math.inf
+
+
+class _Jitter(torch.nn.Module):
+    """Sleeps 1-3 ms at random on each call: a model whose timing is noisy."""
+
+    def __init__(self, seed: int) -> None:
+        super().__init__()
+        self.g = random.Random(seed)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        time.sleep(self.g.uniform(1e-3, 3e-3))
+        return x
+
+
+def test_round_ratios_adds_rounds_while_imprecise_within_the_time_limit() -> None:
+    models, x = [_Jitter(0), _Jitter(1)], (torch.zeros(1),)
+    times, ratios = cache.round_ratios(models, x, repeats=5)
+    assert [len(t) for t in times] == [5, 5] and len(ratios[1]) == 5
+    times, _ = cache.round_ratios(models, x, repeats=5, precision=100.0, max_s=5.0)  # precise enough at once
+    assert len(times[0]) == 5
+    start = time.perf_counter()
+    times, ratios = cache.round_ratios(models, x, repeats=5, precision=1e-9, max_s=0.3)  # never precise enough
+    took = time.perf_counter() - start
+    assert len(times[0]) > 5 and len(times[0]) % 5 == 0 and len(ratios[1]) == len(times[1])
+    assert took < 0.3 + 5 * 2 * 3.5e-3 + 0.1  # stops at the first check past max_s
+    assert ratios[1] == [b / a for a, b in zip(times[0], times[1])]
+    times, _ = cache.round_ratios(models[:1], x, repeats=5, precision=1e-9, max_s=0.3)  # no ratio to refine
+    assert len(times[0]) == 5
