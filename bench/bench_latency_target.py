@@ -12,10 +12,11 @@ Run (one command; ``--quick`` is a small-scale smoke run, the full run is for a 
    measured ratios, a fresh interleaved re-measurement, MACs ratio (pruned / dense) and efficiency
    (speed-up / MACs reduction).
 2. ``vs_tp``: resnet50 at batch 1: ``flops: 0.5`` (round_to 8), then a latency target equal to the latency that plan
-   measures, then Torch-Pruning (``MetaPruner``, L2 magnitude, round_to 8) bisected to the latency plan's MACs (the
-   ratio that came closest);
-   dense and all three pruned models timed interleaved in one process. Torch-Pruning is a bench-only dependency
-   (``pip install torch-pruning``); the row is skipped when it is missing.
+   measures, then Torch-Pruning (``MetaPruner``, L2 magnitude, round_to 8) bisected to the latency plan's MACs. Its
+   MACs jump with its ratio, so the closest plans above and below those MACs are both timed and its latency at
+   exactly the latency plan's MACs is interpolated between them. Dense and all pruned models are timed side by
+   side (median of per-round ratios, three pooled timings). Torch-Pruning is a bench-only dependency
+   (``pip install torch-pruning``); its rows are skipped when it is missing.
 3. ``digits``: DigitsCNN trained on sklearn digits; ``flops`` plans at 0.3 / 0.5 / 0.7 and for each a ``latency``
    plan at the same measured latency (the latency target set to what the flops plan measures): test accuracy as
    pruned, after BatchNorm re-estimation (``fxprune.recover.bn``, 100 training images) and after one epoch of
@@ -103,7 +104,21 @@ def _tp_prune(model: torch.nn.Module, x: torch.Tensor, ratio: float) -> torch.nn
     return m.eval()
 
 
-def vs_tp(runs: int, bisect: int) -> list[dict]:
+def _pooled_ratios(models: dict[str, torch.nn.Module], x: torch.Tensor, runs: int,
+                   timings: int) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Each model's milliseconds and per-round ratios to ``models["dense"]``, all timed side by side, pooled over
+    ``timings`` interleaved timings of ``runs`` rounds."""
+    ms: dict[str, list[float]] = {k: [] for k in models}
+    ratios: dict[str, list[float]] = {k: [] for k in models}
+    for _ in range(timings):
+        t = interleaved_ms({k: (lambda m=m: m(x)) for k, m in models.items()}, runs)
+        for k in models:
+            ms[k] += t[k]
+            ratios[k] += [p / d for d, p in zip(t["dense"], t[k])]
+    return ms, ratios
+
+
+def vs_tp(runs: int, bisect: int, timings: int = 3) -> list[dict]:
     torch.manual_seed(0)
     model = torchvision.models.resnet50(weights=None).eval()
     x = torch.randn(1, 3, 224, 224)
@@ -111,26 +126,37 @@ def vs_tp(runs: int, bisect: int) -> list[dict]:
     r_flops = statistics.median(_ratio(model, flops, x, runs) for _ in range(3))  # the target: steadier over three
     lat = fxprune.compile(model, channels({"latency": round(1 - r_flops, 3)}), example_inputs=x)
     models = {"dense": model, "fxprune flops 0.5": flops, "fxprune latency": lat}
-    goal = _macs(lat, x) / _macs(model, x)
+    dense_macs = _macs(model, x)
+    goal = _macs(lat, x) / dense_macs
+    tried: list[tuple[float, float]] = []  # (MACs ratio, Torch-Pruning's channel ratio)
     try:
-        lo, hi, tried = 0.0, 0.9, []
+        lo, hi = 0.0, 0.9
         for _ in range(bisect):  # TP's channel ratio giving the latency plan's MACs
             mid = (lo + hi) / 2
-            got = _macs(_tp_prune(model, x, mid), x) / _macs(model, x)
+            got = _macs(_tp_prune(model, x, mid), x) / dense_macs
             log.warning("torch-pruning ratio %.4f: MACs ratio %.4f (goal %.4f)", mid, got, goal)
-            tried.append((abs(got - goal), mid))
+            tried.append((got, mid))
             lo, hi = (mid, hi) if got > goal else (lo, mid)
-        # its MACs are not monotone in the ratio at round_to 8: keep the ratio that came closest, not the last one
-        models["torch-pruning"] = _tp_prune(model, x, min(tried)[1])
     except ImportError:
         log.warning("torch_pruning is not installed: pip install torch-pruning (bench-only); its row is skipped")
-    t = interleaved_ms({k: (lambda m=m: m(x)) for k, m in models.items()}, runs)
-    dense_ms, dense_macs = statistics.median(t["dense"]), _macs(model, x)
+    # its MACs jump with the ratio at round_to 8: the closest plans above and below the goal, interpolated between
+    above = min((t for t in tried if t[0] >= goal), default=None)
+    below = max((t for t in tried if t[0] < goal), default=None)
+    for name, t in (("torch-pruning, MACs above", above), ("torch-pruning, MACs below", below)):
+        if t is not None:
+            models[name] = _tp_prune(model, x, t[1])
+    ms, ratios = _pooled_ratios(models, x, runs, timings)
     rows = []
     for k, m in models.items():
-        ms, macs = statistics.median(t[k]), _macs(m, x)
-        rows.append({"model": k, "ms": ms, "speedup": dense_ms / ms, "macs_reduction": dense_macs / macs,
-                     "efficiency": (dense_ms / ms) / (dense_macs / macs)})
+        r, macs = statistics.median(ratios[k]), _macs(m, x) / dense_macs
+        rows.append({"model": k, "ms": statistics.median(ms[k]), "latency_ratio": r, "speedup": 1 / r,
+                     "macs_reduction": 1 / macs, "efficiency": macs / r})
+    if above is not None and below is not None:  # Torch-Pruning's latency at exactly the latency plan's MACs
+        (r_hi, m_hi), (r_lo, m_lo) = [(statistics.median(ratios[k]), t[0]) for k, t in
+                                      (("torch-pruning, MACs above", above), ("torch-pruning, MACs below", below))]
+        r = r_lo + (r_hi - r_lo) * (goal - m_lo) / (m_hi - m_lo)
+        rows.append({"model": "torch-pruning at the latency plan's MACs (interpolated)", "ms": float("nan"),
+                     "latency_ratio": r, "speedup": 1 / r, "macs_reduction": 1 / goal, "efficiency": goal / r})
     return rows
 
 
@@ -153,7 +179,8 @@ def _bn_reestimated(m: torch.nn.Module, calib: list) -> torch.nn.Module:
 
 
 def digits(epochs: int, runs: int, fractions: tuple[float, ...] = (0.3, 0.5, 0.7),
-           line_only: tuple[float, ...] = (0.85,), timings: int = 3) -> list[dict]:
+           line_only: tuple[float, ...] = (0.85,), timings: int = 3, flops_round_to: int | str = 1,
+           latency_round_to: int | str = 1) -> list[dict]:
     """Flops plans and latency plans on DigitsCNN, timed side by side; each latency plan's accuracy against the
     flops plans' accuracy-latency line (through dense) at the latency the latency plan measured."""
     from digits import DigitsCNN, accuracy, calibration, finetuned, train
@@ -167,18 +194,14 @@ def digits(epochs: int, runs: int, fractions: tuple[float, ...] = (0.3, 0.5, 0.7
     runs *= 4  # small models: more rounds
     plans: dict[str, torch.nn.Module] = {"dense": model}
     for f in fractions:  # each flops plan, and a latency plan asked for the latency that flops plan measures
-        flops = fxprune.compile(model, channels({"flops": f}, round_to=1), example_inputs=x)
+        flops = fxprune.compile(model, channels({"flops": f}, flops_round_to), example_inputs=x)
         r = _ratio(model, flops, x, runs)
         plans[f"flops {f}"] = flops
         plans[f"latency {1 - r:.3f} (= flops {f})"] = fxprune.compile(
-            model, channels({"latency": round(1 - r, 3)}, round_to=1), example_inputs=x)
+            model, channels({"latency": round(1 - r, 3)}, latency_round_to), example_inputs=x)
     for f in line_only:  # the line's low-latency end, so that the fastest latency plan falls inside it
-        plans[f"flops {f}"] = fxprune.compile(model, channels({"flops": f}, round_to=1), example_inputs=x)
-    ratios: dict[str, list[float]] = {k: [] for k in plans}
-    for _ in range(timings):  # all side by side, pooled over a few timings
-        t = interleaved_ms({k: (lambda m=m: m(x)) for k, m in plans.items()}, runs)
-        for k in plans:
-            ratios[k] += [p / d for d, p in zip(t["dense"], t[k])]
+        plans[f"flops {f}"] = fxprune.compile(model, channels({"flops": f}, flops_round_to), example_inputs=x)
+    _, ratios = _pooled_ratios(plans, x, runs, timings)  # all side by side, pooled over a few timings
     rows = []
     for name, m in plans.items():
         rows.append({"plan": name, "measured_latency_ratio": statistics.median(ratios[name]),

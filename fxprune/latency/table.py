@@ -9,8 +9,10 @@ the layer's weights at the recorded input shapes, batch size included). Other la
 
 What the whole model takes beyond those layers (norms, activations, pooling, adds, the interpreter) is modelled as
 ``residual_ms + ms_per_element * elements``: a constant, plus a cost per element of every other node's output
-(*volume* entries, one per tensor-producing node; memory-bound ops cost about their output size). ``calibrate``
-fits both to end-to-end measurements: the unpruned graph and, to separate the two terms, a pruned one.
+(*volume* entries, one per tensor-producing node; memory-bound ops cost about their output size). Elements are
+weighted per node (``weigh``: a max-pool element costs tens of ReLU elements), from the node's time inside the
+model (``volume.node_ms``). ``calibrate`` fits both terms to end-to-end measurements: the unpruned graph and, to
+separate the two terms, a pruned one.
 
 ``step(spaces)`` finds where a width's latency curve has its steps (``round_to: "auto"``): the layer's op is timed
 at widths ``M + k`` just above a multiple ``M`` of 64 and the candidate step whose staircase fits the times best
@@ -21,7 +23,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -66,11 +68,12 @@ class Entry:
     """One layer of the table."""
 
     node: str
-    rule: OpRule | None  # None: a volume entry (costs ``ms_per_element`` per element of the node's output)
+    rule: OpRule | None  # None: a volume entry (``ms_per_element`` x ``weight`` per element of its output)
     model: OpModel | None
     macs: int
     deps: set[int]  # analysis space indices its widths (or MACs, or output size) depend on
     elements: int = 0  # a volume entry's output elements, unpruned
+    weight: float = 1.0  # a volume entry's cost of an element relative to the typical volume node's (``weigh``)
     grid: tuple[np.ndarray, np.ndarray] = (np.zeros(0), np.zeros(0))
     values: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))
     full_ms: float = 0.0
@@ -157,9 +160,10 @@ class LatencyTable:
                 self.by_space.setdefault(sp, []).append(i)
         self.residual_ms = 0.0
         self.ms_per_element = 0.0
+        self.rate = 0.0  # measured milliseconds of a weight-1 element (``weigh``); 0: not weighed
         self.scale = 1.0
         self.layers_ms = sum(e.full_ms for e in self.entries if e.rule is not None)
-        self.elements = sum(e.elements for e in self.entries)
+        self.elements = self._weighted_elements()
         self.build_s = time.perf_counter() - start
         log.info("latency table: %d layers (%d timed, %d distinct shapes), %.3f ms, %d volume nodes, built in %.1f s",
                  len(layer_nodes), len(timed), len({e.model.signature + str(e.model.full) for e in timed if e.model}),
@@ -204,7 +208,8 @@ class LatencyTable:
     def entry_ms(self, i: int, s: SizeContext) -> float:
         e = self.entries[i]
         if e.rule is None:
-            return self.ms_per_element * math.prod(s.shape(self._nodes[e.node])) if self.ms_per_element else 0.0
+            return (self.ms_per_element * e.weight * math.prod(s.shape(self._nodes[e.node]))
+                    if self.ms_per_element else 0.0)
         if e.model is None:
             return self.ms_per_mac * e.rule.macs(self._nodes[e.node], s)
         a, b = e.model.widths(s)
@@ -215,10 +220,35 @@ class LatencyTable:
         s = SizeContext(new_sizes, self.a.param_sizes)
         return sum(self.entry_ms(i, s) for i, e in enumerate(self.entries) if e.rule is not None)
 
-    def elements_at(self, new_sizes: dict[Space, int]) -> int:
-        """The volume entries' output elements at ``new_sizes``."""
+    def elements_at(self, new_sizes: dict[Space, int]) -> float:
+        """The volume entries' output elements at ``new_sizes``, each times its ``weight``."""
         s = SizeContext(new_sizes, self.a.param_sizes)
-        return sum(math.prod(s.shape(self._nodes[e.node])) for e in self.entries if e.rule is None)
+        return sum(e.weight * math.prod(s.shape(self._nodes[e.node])) for e in self.entries if e.rule is None)
+
+    def _weighted_elements(self) -> float:
+        return float(sum(e.weight * e.elements for e in self.entries if e.rule is None))
+
+    def weigh(self, node_ms: Mapping[str, float]) -> None:
+        """Weight the volume entries by their in-model milliseconds at full size (``volume.node_ms``): a node's
+        time above the cheapest timed node's (the per-node overhead every node pays, which the constant holds),
+        per output element, relative to the median of those rates. A node without a time gets weight 1; with no
+        usable times all stay 1. Sets ``rate``, the measured milliseconds of a weight-1 element, which ``calibrate``
+        then keeps. Call before ``calibrate``."""
+        volume = [e for e in self.entries if e.rule is None and e.elements]
+        timed = [(e, node_ms[e.node]) for e in volume if e.node in node_ms]
+        if not timed:
+            return
+        floor = min(ms for _, ms in timed)
+        rates = {e.node: max(0.0, ms - floor) / e.elements for e, ms in timed}
+        typical = float(np.median([r for r in rates.values() if r > 0])) if any(rates.values()) else 0.0
+        if typical <= 0:
+            return
+        for e in volume:
+            e.weight = rates.get(e.node, typical) / typical
+        self.elements, self.rate = self._weighted_elements(), typical
+        heavy = max(volume, key=lambda e: e.weight * e.elements)
+        log.info("latency table: %d volume nodes weighed in the model (%.3f ms above %.3f ms each); heaviest %s "
+                 "(weight %.2f)", len(timed), sum(ms - floor for _, ms in timed), floor, heavy.node, heavy.weight)
 
     def predict(self, new_sizes: dict[Space, int]) -> float:
         """Predicted end-to-end milliseconds at ``new_sizes``: ``residual_ms + scale * (layers + ms_per_element *
@@ -243,7 +273,9 @@ class LatencyTable:
 
         What the layers leave out, ``ms - layers``, is fitted as ``residual_ms + ms_per_element * elements`` (least
         squares, both terms non-negative; with one measurement, or sizes that leave the elements unchanged, the
-        constant alone). It may be at most ``max_residual`` of the unpruned measurement: beyond that (a machine
+        constant alone). A table weighed in the model (``weigh``) keeps its measured cost per element (at most
+        what the layers leave of the unpruned measurement) and takes the constant from the unpruned measurement.
+        The rest may be at most ``max_residual`` of the unpruned measurement: beyond that (a machine
         busier than while the table was timed), and where the layers alone exceed it, the layers are scaled
         (``scale``) instead."""
         points = [({}, float(measured))] if isinstance(measured, (int, float)) else list(measured)
@@ -257,7 +289,10 @@ class LatencyTable:
             self.scale = (full_ms - min(max(0.0, outside), max_residual * full_ms)) / self.layers_ms
         rest = ms - self.scale * layers  # what the layers leave out, per measurement
         self.residual_ms, per_element = float(max(0.0, rest[0])), 0.0
-        if len(points) > 1 and np.ptp(elements) > 0:
+        if self.rate:  # weighed in the model: the volume's cost is measured, the constant is what is left
+            per_element = min(self.rate, self.residual_ms / elements[0]) if elements[0] else 0.0
+            self.residual_ms = float(max(0.0, rest[0] - per_element * elements[0]))
+        elif len(points) > 1 and np.ptp(elements) > 0:
             design = np.stack([np.ones_like(elements), elements], 1)
             r0, q = np.linalg.lstsq(design, rest, rcond=None)[0]
             if q <= 0:

@@ -26,7 +26,7 @@ import torch.fx as fx
 
 from ..analysis import Analysis
 from ..errors import BudgetError
-from ..latency import LatencyTable, round_ratios
+from ..latency import LatencyTable, node_ms, round_ratios
 from ..passes.shrink_channels import ShrinkChannels
 from ..planner import Budget, Planner, group_key
 
@@ -54,13 +54,15 @@ def _pruned_copy(gm: fx.GraphModule, planner: Planner, removed: np.ndarray, inpu
 
 
 def calibrate(gm: fx.GraphModule, planner: Planner, fraction: float, inputs: tuple) -> None:
-    """Calibrate ``planner``'s table on ``gm`` and on ``gm`` pruned by the planner's plan removing ``fraction`` of
-    its MACs (the probe; ``gm`` alone when no such plan exists), timed interleaved on ``inputs``."""
+    """Weigh ``planner``'s table's volume entries by their times inside ``gm`` and calibrate it on ``gm`` timed on
+    ``inputs``. Where the weighing found nothing to go by, the calibration also times ``gm`` pruned by the planner's
+    plan removing ``fraction`` of its MACs (the probe), interleaved, to fit the cost per element."""
     table = planner.latency
     assert table is not None
+    table.weigh(node_ms(gm, inputs, [e.node for e in table.entries if e.rule is None]))  # before the fit
     models: list[fx.GraphModule] = [gm]
     probe = np.zeros(0, np.int64)
-    if fraction > 0:
+    if fraction > 0 and not table.rate:  # an unweighed table fits its cost per element on a second timing
         try:
             probe = planner.solve("flops", min(fraction, 0.9))
         except BudgetError as exc:

@@ -1,0 +1,101 @@
+"""Volume entries weighed by their times inside the model: ``volume.node_ms`` times single nodes in a real
+forward pass, and ``LatencyTable.weigh`` turns those times into per-node costs of an element, which the prediction
+for a physically shrunk graph then follows node by node."""
+from __future__ import annotations
+
+import copy
+import time
+
+import numpy as np
+import torch
+import torch.fx as fx
+from test_table import X, _OutputElements, _plans, analysed, synthetic
+from torch import nn
+
+from fxprune.latency import LatencyTable
+from fxprune.latency.volume import node_ms
+from fxprune.passes.shrink_channels import ShrinkChannels
+
+
+def _slow(x: torch.Tensor) -> torch.Tensor:
+    time.sleep(0.005)
+    return x + 1
+
+
+fx.wrap("_slow")
+
+
+class _WithSlowNode(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(_slow(self.conv(x)))
+
+
+def test_node_ms_times_each_named_node_inside_a_forward_pass() -> None:
+    gm = fx.symbolic_trace(_WithSlowNode())
+    names = [n.name for n in gm.graph.nodes if n.op != "placeholder" and n.op != "output"]
+    ms = node_ms(gm, (X,), names, repeats=3)
+    assert set(ms) == set(names) and all(v > 0 for v in ms.values())
+    assert ms["_slow"] >= 5.0 and all(v < 5.0 for k, v in ms.items() if k != "_slow")
+
+
+class _PerNodeCost(_OutputElements):
+    """Sums ``rate[node] x output elements`` over the named nodes of a graph as it runs (the shrunk graph's truth)."""
+
+    def __init__(self, gm, rates) -> None:
+        super().__init__(gm, rates)
+        self.rates, self.cost = rates, 0.0
+
+    def run_node(self, n):
+        out = super().run_node(n)
+        if n.name in self.rates:
+            self.cost += self.rates[n.name] * out.numel()
+        return out
+
+
+def test_weighed_table_predicts_per_node_costs_of_the_shrunk_graph() -> None:
+    a = analysed()
+    table = LatencyTable(a, measure=synthetic)
+    volume = [e for e in table.entries if e.rule is None]
+    rates = {e.node: 2e-4 if i % 3 == 0 else 5e-5 for i, e in enumerate(volume)}  # a third cost 4x per element
+    rates[min(volume, key=lambda e: e.elements).node] = 0.0  # the smallest (like a view) costs only the overhead
+    overhead = 0.02  # every node's fixed cost inside the interpreter
+    table.weigh({e.node: overhead + rates[e.node] * e.elements for e in volume})
+    assert {round(e.weight, 6) for e in volume} == {0.0, 1.0, 4.0} and np.isclose(table.rate, 5e-5)
+    constant = 0.3 + overhead * len(volume)
+    dense = constant + table.layers_ms + sum(rates[e.node] * e.elements for e in volume)
+    table.calibrate(dense)
+    assert np.isclose(table.base_ms, dense) and np.isclose(table.residual_ms, constant)
+    planner, (removed,) = _plans(a, table, [0.4])
+    counter = _PerNodeCost(_shrunk(a, planner, removed), rates)
+    counter.run(X)
+    sizes = planner.new_sizes(removed)
+    truth = constant + table.layers_at(sizes) + counter.cost
+    assert counter.seen == set(rates) and np.isclose(table.predict(sizes), truth)
+    # one cost per element for all nodes (the unweighed table) misjudges the same graph
+    flat = LatencyTable(a, measure=synthetic)
+    flat.calibrate([({}, dense), (sizes, truth)])
+    _, (other,) = _plans(a, table, [0.7])
+    counter = _PerNodeCost(_shrunk(a, planner, other), rates)
+    counter.run(X)
+    truth_other = constant + table.layers_at(planner.new_sizes(other)) + counter.cost
+    assert abs(table.predict(planner.new_sizes(other)) - truth_other) < abs(
+        flat.predict(planner.new_sizes(other)) - truth_other)
+
+
+def _shrunk(a, planner, removed) -> fx.GraphModule:
+    out = copy.deepcopy(a.gm)
+    ShrinkChannels(planner.plan(removed), (X,), a)(out)
+    return out
+
+
+def test_weighing_real_times_of_a_real_graph() -> None:
+    a = analysed()
+    table = LatencyTable(a, measure=synthetic)
+    volume = [e.node for e in table.entries if e.rule is None]
+    table.weigh(node_ms(a.gm, (X,), volume))
+    assert table.rate > 0 and all(np.isfinite(e.weight) and e.weight >= 0 for e in table.entries if e.rule is None)
+    assert np.isclose(table.elements, sum(e.weight * e.elements for e in table.entries if e.rule is None))
