@@ -74,6 +74,7 @@ class Entry:
     deps: set[int]  # analysis space indices its widths (or MACs, or output size) depend on
     elements: int = 0  # a volume entry's output elements, unpruned
     weight: float = 1.0  # a volume entry's cost of an element relative to the typical volume node's (``weigh``)
+    factor: float = 1.0  # a layer's in-model time over its table time at full size (``weigh``)
     grid: tuple[np.ndarray, np.ndarray] = (np.zeros(0), np.zeros(0))
     values: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))
     full_ms: float = 0.0
@@ -211,9 +212,9 @@ class LatencyTable:
             return (self.ms_per_element * e.weight * math.prod(s.shape(self._nodes[e.node]))
                     if self.ms_per_element else 0.0)
         if e.model is None:
-            return self.ms_per_mac * e.rule.macs(self._nodes[e.node], s)
+            return e.factor * self.ms_per_mac * e.rule.macs(self._nodes[e.node], s)
         a, b = e.model.widths(s)
-        return _interp(e.grid, e.values, a, b)
+        return e.factor * _interp(e.grid, e.values, a, b)
 
     def layers_at(self, new_sizes: dict[Space, int]) -> float:
         """The table's layers' milliseconds at ``new_sizes`` (volume entries excluded)."""
@@ -228,17 +229,24 @@ class LatencyTable:
     def _weighted_elements(self) -> float:
         return float(sum(e.weight * e.elements for e in self.entries if e.rule is None))
 
-    def weigh(self, node_ms: Mapping[str, float]) -> None:
-        """Weight the volume entries by their in-model milliseconds at full size (``volume.node_ms``): a node's
-        time above the cheapest timed node's (the per-node overhead every node pays, which the constant holds),
-        per output element, relative to the median of those rates. A node without a time gets weight 1; with no
-        usable times all stay 1. Sets ``rate``, the measured milliseconds of a weight-1 element, which ``calibrate``
-        then keeps. Call before ``calibrate``."""
+    def weigh(self, node_ms: Mapping[str, float], max_factor: float = 4.0) -> None:
+        """Weigh the entries by their in-model milliseconds at full size (``volume.node_ms``), each taken above
+        the cheapest volume node's time (the per-node overhead every node pays, which the constant holds).
+
+        A volume entry's weight is its time per output element relative to the median of those rates (1 without a
+        time; with no usable times all stay 1), and ``rate`` becomes the measured milliseconds of a weight-1
+        element, which ``calibrate`` then keeps. A layer's ``factor`` is its in-model time over its table time
+        (within ``1 / max_factor`` and ``max_factor``): the table keeps the shape of each layer's curve from the
+        timed op and takes its level from the model. Call before ``calibrate``."""
         volume = [e for e in self.entries if e.rule is None and e.elements]
         timed = [(e, node_ms[e.node]) for e in volume if e.node in node_ms]
+        floor = min((ms for _, ms in timed), default=0.0)
+        for e in self.entries:
+            if e.rule is not None and e.node in node_ms and e.full_ms > 0:
+                e.factor = min(max((node_ms[e.node] - floor) / e.full_ms, 1 / max_factor), max_factor)
+        self.layers_ms = sum(e.factor * e.full_ms for e in self.entries if e.rule is not None)
         if not timed:
             return
-        floor = min(ms for _, ms in timed)
         rates = {e.node: max(0.0, ms - floor) / e.elements for e, ms in timed}
         typical = float(np.median([r for r in rates.values() if r > 0])) if any(rates.values()) else 0.0
         if typical <= 0:

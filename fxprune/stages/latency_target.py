@@ -59,7 +59,7 @@ def calibrate(gm: fx.GraphModule, planner: Planner, fraction: float, inputs: tup
     plan removing ``fraction`` of its MACs (the probe), interleaved, to fit the cost per element."""
     table = planner.latency
     assert table is not None
-    table.weigh(node_ms(gm, inputs, [e.node for e in table.entries if e.rule is None]))  # before the fit
+    table.weigh(node_ms(gm, inputs, [e.node for e in table.entries]))  # before the fit
     models: list[fx.GraphModule] = [gm]
     probe = np.zeros(0, np.int64)
     if fraction > 0 and not table.rate:  # an unweighed table fits its cost per element on a second timing

@@ -1,6 +1,6 @@
-"""Volume entries weighed by their times inside the model: ``volume.node_ms`` times single nodes in a real
-forward pass, and ``LatencyTable.weigh`` turns those times into per-node costs of an element, which the prediction
-for a physically shrunk graph then follows node by node."""
+"""The table weighed by times inside the model: ``volume.node_ms`` times single nodes in a real forward pass, and
+``LatencyTable.weigh`` turns those times into per-node costs of an element (volume entries) and in-model factors
+(layers), which the prediction for a physically shrunk graph then follows node by node."""
 from __future__ import annotations
 
 import copy
@@ -57,33 +57,46 @@ class _PerNodeCost(_OutputElements):
 
 
 def test_weighed_table_predicts_per_node_costs_of_the_shrunk_graph() -> None:
+    """In-model times: every node pays ``overhead``; a third of the volume nodes cost 4x per element; the layers
+    run 1.5x their (synthetic) table times. The truth for a shrunk graph is summed node by node by running it."""
     a = analysed()
-    table = LatencyTable(a, measure=synthetic)
+    table, flat = LatencyTable(a, measure=synthetic), LatencyTable(a, measure=synthetic)  # flat: never weighed
     volume = [e for e in table.entries if e.rule is None]
-    rates = {e.node: 2e-4 if i % 3 == 0 else 5e-5 for i, e in enumerate(volume)}  # a third cost 4x per element
+    layers = [e for e in table.entries if e.rule is not None]
+    rates = {e.node: 2e-4 if i % 3 == 0 else 5e-5 for i, e in enumerate(volume)}
     rates[min(volume, key=lambda e: e.elements).node] = 0.0  # the smallest (like a view) costs only the overhead
-    overhead = 0.02  # every node's fixed cost inside the interpreter
-    table.weigh({e.node: overhead + rates[e.node] * e.elements for e in volume})
+    overhead, slower = 0.02, 1.5
+    times = {e.node: overhead + rates[e.node] * e.elements for e in volume}
+    table.weigh(times | {e.node: overhead + slower * e.full_ms for e in layers})
     assert {round(e.weight, 6) for e in volume} == {0.0, 1.0, 4.0} and np.isclose(table.rate, 5e-5)
+    assert np.allclose([e.factor for e in layers], slower) and np.isclose(table.layers_ms, slower * flat.layers_ms)
+
+    def truth(removed: np.ndarray) -> float:
+        counter = _PerNodeCost(_shrunk(a, planner, removed), rates)
+        counter.run(X)
+        assert counter.seen == set(rates)
+        return constant + slower * flat.layers_at(planner.new_sizes(removed)) + counter.cost
+
     constant = 0.3 + overhead * len(volume)
-    dense = constant + table.layers_ms + sum(rates[e.node] * e.elements for e in volume)
+    dense = constant + slower * flat.layers_ms + sum(rates[e.node] * e.elements for e in volume)
     table.calibrate(dense)
     assert np.isclose(table.base_ms, dense) and np.isclose(table.residual_ms, constant)
-    planner, (removed,) = _plans(a, table, [0.4])
-    counter = _PerNodeCost(_shrunk(a, planner, removed), rates)
-    counter.run(X)
+    planner, (removed, other) = _plans(a, table, [0.4, 0.7])
     sizes = planner.new_sizes(removed)
-    truth = constant + table.layers_at(sizes) + counter.cost
-    assert counter.seen == set(rates) and np.isclose(table.predict(sizes), truth)
-    # one cost per element for all nodes (the unweighed table) misjudges the same graph
-    flat = LatencyTable(a, measure=synthetic)
-    flat.calibrate([({}, dense), (sizes, truth)])
-    _, (other,) = _plans(a, table, [0.7])
-    counter = _PerNodeCost(_shrunk(a, planner, other), rates)
-    counter.run(X)
-    truth_other = constant + table.layers_at(planner.new_sizes(other)) + counter.cost
-    assert abs(table.predict(planner.new_sizes(other)) - truth_other) < abs(
-        flat.predict(planner.new_sizes(other)) - truth_other)
+    assert np.isclose(table.predict(sizes), truth(removed))
+    # one cost per element for all nodes and the table's own layer times (unweighed) misjudge the same graph
+    flat.calibrate([({}, dense), (sizes, truth(removed))])
+    wanted = truth(other)
+    assert abs(table.predict(planner.new_sizes(other)) - wanted) < 1e-9 < abs(
+        flat.predict(planner.new_sizes(other)) - wanted)
+
+
+def test_layer_factors_stay_within_bounds() -> None:
+    a = analysed()
+    table = LatencyTable(a, measure=synthetic)
+    first, second = [e for e in table.entries if e.rule is not None][:2]
+    table.weigh({first.node: 100 * first.full_ms, second.node: 0.0})
+    assert (first.factor, second.factor) == (4.0, 0.25)
 
 
 def _shrunk(a, planner, removed) -> fx.GraphModule:
