@@ -181,7 +181,7 @@ def corrected(gm: fx.GraphModule, planner: Planner, rel: float,
             more_dense, more = _timed(gm, trial, inputs, wanted)
             dense, samples = dense + more_dense, samples + more
         dense_ms, measured = statistics.median(dense), statistics.median(samples)
-        predicted = table.predict(planner.new_sizes(removed)) / table.base_ms if table.base_ms else 1.0
+        predicted = float(table.predict(planner.new_sizes(removed)) / table.base_ms) if table.base_ms else 1.0
         log.info("latency target: requested %.3f of the latency, planned %.3f, predicted %.3f, measured %.3f "
                  "(%.2f of %.2f ms, %d rounds)", wanted, 1.0 - internal, predicted, measured, measured * dense_ms,
                  dense_ms, len(samples))
@@ -189,7 +189,7 @@ def corrected(gm: fx.GraphModule, planner: Planner, rel: float,
         results.append((abs(measured - wanted), removed, {
             "latency_base_ms": dense_ms, "latency_measured_ms": measured * dense_ms,
             "latency_measured_ratio": measured, "latency_predicted_ratio": predicted,
-            "latency_predicted_ms": predicted * dense_ms, "latency_planned_ratio": 1.0 - internal}))
+            "latency_predicted_ms": predicted * dense_ms, "latency_planned_ratio": float(1.0 - internal)}))
         if abs(measured - wanted) <= TOLERANCE * wanted or len(tried) > MAX_CORRECTIONS:
             break
         if short is not None:
@@ -207,7 +207,8 @@ def corrected(gm: fx.GraphModule, planner: Planner, rel: float,
             break
         removed, internal = candidate, retarget
     _, removed, stats = min(results, key=lambda r: r[0])
-    stats.update(latency_requested_ratio=wanted, latency_corrections=len(tried) - 1, latency_table_s=table.build_s)
+    stats.update(latency_requested_ratio=float(wanted), latency_corrections=len(tried) - 1,
+                 latency_table_s=table.build_s)
     return removed, stats
 
 
