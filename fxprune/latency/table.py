@@ -262,7 +262,7 @@ class LatencyTable:
         """Predicted end-to-end milliseconds at ``new_sizes``: ``residual_ms + scale * (layers + ms_per_element *
         elements)``, i.e. the constant plus every entry (the sum the planner's greedy keeps)."""
         s = SizeContext(new_sizes, self.a.param_sizes)
-        return self.residual_ms + self.scale * sum(self.entry_ms(i, s) for i in range(len(self.entries)))
+        return float(self.residual_ms + self.scale * sum(self.entry_ms(i, s) for i in range(len(self.entries))))
 
     @property
     def base_ms(self) -> float:
@@ -298,7 +298,7 @@ class LatencyTable:
         rest = ms - self.scale * layers  # what the layers leave out, per measurement
         self.residual_ms, per_element = float(max(0.0, rest[0])), 0.0
         if self.rate:  # weighed in the model: the volume's cost is measured, the constant is what is left
-            per_element = min(self.rate, self.residual_ms / elements[0]) if elements[0] else 0.0
+            per_element = float(min(self.rate, self.residual_ms / elements[0])) if elements[0] else 0.0
             self.residual_ms = float(max(0.0, rest[0] - per_element * elements[0]))
         elif len(points) > 1 and np.ptp(elements) > 0:
             design = np.stack([np.ones_like(elements), elements], 1)
