@@ -36,6 +36,7 @@ from ..ir.spec import TensorSpec, spec_of
 from ..ops.registry import OpRule
 from . import cache
 from .ops import OpModel, op_model
+from .volume import element_rates, node_kind
 
 log = logging.getLogger(__name__)
 
@@ -233,8 +234,9 @@ class LatencyTable:
         """Weigh the entries by their in-model milliseconds at full size (``volume.node_ms``), each taken above
         the cheapest volume node's time (the per-node overhead every node pays, which the constant holds).
 
-        A volume entry's weight is its time per output element relative to the median of those rates (1 without a
-        time; with no usable times all stay 1), and ``rate`` becomes the measured milliseconds of a weight-1
+        A volume entry's weight is its time per output element (``volume.element_rates``: nodes of one kind share
+        the slope of their times over their sizes) relative to the median of those rates (1 without a time; with
+        no usable times all stay 1), and ``rate`` becomes the measured milliseconds of a weight-1
         element, which ``calibrate`` then keeps. A layer's ``factor`` is its in-model time over its table time
         (within ``1 / max_factor`` and ``max_factor``): the table keeps the shape of each layer's curve from the
         timed op and takes its level from the model. Call before ``calibrate``."""
@@ -247,7 +249,8 @@ class LatencyTable:
         self.layers_ms = sum(e.factor * e.full_ms for e in self.entries if e.rule is not None)
         if not timed:
             return
-        rates = {e.node: max(0.0, ms - floor) / e.elements for e, ms in timed}
+        rates = element_rates([(e.node, node_kind(self.a.gm, self._nodes[e.node]), e.elements, ms)
+                               for e, ms in timed], floor)
         typical = float(np.median([r for r in rates.values() if r > 0])) if any(rates.values()) else 0.0
         if typical <= 0:
             return

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 
+import numpy as np
 import torch
 import torch.fx as fx
 
@@ -53,4 +54,36 @@ def node_ms(gm: fx.GraphModule, inputs: tuple, names: Collection[str], repeats: 
     return {k: statistics.median(v) for k, v in timer.ms.items()}
 
 
-__all__ = ["node_ms"]
+
+
+def node_kind(gm: fx.GraphModule, node: fx.Node) -> str:
+    """What a node runs: its module's class, or its function's or method's name (nodes of one kind share a cost
+    per call and per element)."""
+    if node.op == "call_module":
+        return type(gm.get_submodule(str(node.target))).__name__
+    return getattr(node.target, "__name__", str(node.target))
+
+
+def element_rates(timed: Sequence[tuple[str, str, int, float]], floor: float) -> dict[str, float]:
+    """Milliseconds per output element of each ``(name, kind, elements, ms)`` node timed in the model.
+
+    The nodes of a kind with at least three distinct sizes share the slope of the least-squares line through their
+    times (what an element costs; the intercept is the kind's cost per call, which does not shrink with the widths).
+    Other nodes, and kinds whose line does not rise or lies below ``floor`` (the per-node overhead every node pays)
+    at no elements, cost their time above ``floor`` per element."""
+    rates = {name: max(0.0, ms - floor) / elements for name, _, elements, ms in timed}
+    kinds: dict[str, list[tuple[str, int, float]]] = {}
+    for name, kind, elements, ms in timed:
+        kinds.setdefault(kind, []).append((name, elements, ms))
+    for items in kinds.values():
+        sizes = np.array([e for _, e, _ in items], np.float64)
+        if len(set(sizes.tolist())) < 3:
+            continue
+        times = np.array([ms for _, _, ms in items], np.float64)
+        per_call, per_element = np.linalg.lstsq(np.stack([np.ones_like(sizes), sizes], 1), times, rcond=None)[0]
+        if per_element > 0 and per_call >= floor:
+            rates.update({name: float(per_element) for name, _, _ in items})
+    return rates
+
+
+__all__ = ["element_rates", "node_kind", "node_ms"]

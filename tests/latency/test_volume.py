@@ -13,7 +13,7 @@ from test_table import X, _OutputElements, _plans, analysed, synthetic
 from torch import nn
 
 from fxprune.latency import LatencyTable
-from fxprune.latency.volume import node_ms
+from fxprune.latency.volume import element_rates, node_kind, node_ms
 from fxprune.passes.shrink_channels import ShrinkChannels
 
 
@@ -112,3 +112,52 @@ def test_weighing_real_times_of_a_real_graph() -> None:
     table.weigh(node_ms(a.gm, (X,), volume))
     assert table.rate > 0 and all(np.isfinite(e.weight) and e.weight >= 0 for e in table.entries if e.rule is None)
     assert np.isclose(table.elements, sum(e.weight * e.elements for e in table.entries if e.rule is None))
+
+
+def test_element_rates_share_a_kinds_slope_and_leave_its_cost_per_call_out() -> None:
+    floor, per_call, slope = 0.01, 0.05, 1e-4
+    bn = [(f"bn{i}", "BatchNorm2d", n, floor + per_call + slope * n) for i, n in enumerate((100, 200, 400, 800))]
+    pair = [("a", "add", 100, floor + 0.03), ("b", "add", 300, floor + 0.09)]  # two sizes: no line
+    falling = [(f"f{i}", "f", n, floor + 1.0 - 1e-3 * n) for i, n in enumerate((10, 20, 30))]
+    rates = element_rates(bn + pair + falling, floor)
+    assert all(np.isclose(rates[name], slope) for name, *_ in bn)
+    assert np.isclose(rates["a"], 3e-4) and np.isclose(rates["b"], 3e-4)
+    assert all(np.isclose(rates[name], (ms - floor) / n) for name, _, n, ms in falling)
+
+
+class _Widening(nn.Module):
+    """Three BatchNorms of three widths (a kind whose times fit a line), between prunable convolutions."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                                  nn.Conv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                                  nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU())
+        self.head = nn.Linear(32, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x).mean((2, 3)))
+
+
+def test_a_kinds_cost_per_call_stays_in_the_constant() -> None:
+    a = analysed(_Widening())
+    table = LatencyTable(a, measure=synthetic)
+    volume = [e for e in table.entries if e.rule is None]
+    kinds = {e.node: node_kind(a.gm, table._nodes[e.node]) for e in volume}
+    assert sorted(kinds.values()).count("BatchNorm2d") == 3
+    floor, per_call, slope = 0.01, 0.05, 5e-5  # (the rest stays under half the time: no layer scaling)
+    rates = {e.node: slope for e in volume}
+    times = {e.node: floor + (per_call if kinds[e.node] == "BatchNorm2d" else 0.0) + slope * e.elements
+             for e in volume}
+    smallest = min(volume, key=lambda e: e.elements).node
+    rates[smallest], times[smallest] = 0.0, floor  # a node that costs only the overhead (sets the floor)
+    table.weigh(times)
+    constant = 0.1 + floor * len(volume) + per_call * 3
+    dense = constant + table.layers_ms + sum(rates[e.node] * e.elements for e in volume)
+    table.calibrate(dense)
+    assert table.scale == 1.0 and np.isclose(table.residual_ms, constant)
+    planner, (removed,) = _plans(a, table, [0.5])
+    counter = _PerNodeCost(_shrunk(a, planner, removed), rates)
+    counter.run(X)
+    sizes = planner.new_sizes(removed)
+    assert np.isclose(table.predict(sizes), constant + table.layers_at(sizes) + counter.cost)
