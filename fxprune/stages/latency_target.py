@@ -1,10 +1,12 @@
 """What the channel stages do for ``target: {"latency": f}`` and ``round_to: "auto"``.
 
 - ``latency_table`` measures the per-layer lookup table of the analysed graph (``fxprune.latency.LatencyTable``);
-  ``calibrate`` fits what the table's layers leave out to end-to-end timings on the example inputs (their device,
-  dtype and batch size, at the current thread count): the graph, and the graph pruned by the planner's MACs plan at
-  the requested fraction (a probe), timed interleaved. With the two, the part of the rest that shrinks with the
-  widths (norms, activations, adds) is told apart from the part that does not (the interpreter, fixed-size ops).
+  ``calibrate`` weighs the table by the nodes' times inside the graph (``latency.node_ms``: each layer's level,
+  each other node's cost per element) and fits the constant to an end-to-end timing on the example inputs (their
+  device, dtype and batch size, at the current thread count): so the part of the rest that shrinks with the
+  widths (norms, activations, pooling, adds) is told apart from the part that does not (the interpreter, per-call
+  costs, fixed-size ops). A table with nothing to weigh by fits its cost per element on a second timing, of the
+  graph pruned by the planner's MACs plan at the requested fraction (a probe).
 - ``resolve_budget`` turns ``round_to: "auto"`` into one step per group (``Budget.group_round_to``), read off the
   table (``LatencyTable.step``); the stage records the choice in ``Plan.round_to``.
 - ``corrected`` checks a latency plan end to end: the pruned graph and the unpruned one are timed interleaved, and
