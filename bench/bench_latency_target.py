@@ -58,8 +58,7 @@ def _macs(m: torch.nn.Module, x: torch.Tensor) -> int:
 
 def _ratio(dense: torch.nn.Module, pruned: torch.nn.Module, x: torch.Tensor, runs: int) -> float:
     """The median over interleaved rounds of pruned / dense milliseconds in the same round."""
-    t = interleaved_ms({"d": lambda: dense(x), "p": lambda: pruned(x)}, runs)
-    return statistics.median(p / d for d, p in zip(t["d"], t["p"]))
+    return statistics.median(_pooled_ratios({"dense": dense, "pruned": pruned}, x, runs, 1)[1]["pruned"])
 
 
 def channels(target: dict, round_to: int | str = 8) -> dict:

@@ -11,8 +11,9 @@ What the whole model takes beyond those layers (norms, activations, pooling, add
 ``residual_ms + ms_per_element * elements``: a constant, plus a cost per element of every other node's output
 (*volume* entries, one per tensor-producing node; memory-bound ops cost about their output size). Elements are
 weighted per node (``weigh``: a max-pool element costs tens of ReLU elements), from the node's time inside the
-model (``volume.node_ms``). ``calibrate`` fits both terms to end-to-end measurements: the unpruned graph and, to
-separate the two terms, a pruned one.
+model (``volume.node_ms``), which also sets each layer's level (``Entry.factor``). ``calibrate`` then keeps that
+measured cost per element and takes the constant from the unpruned graph's end-to-end time; an unweighed table
+fits both terms to end-to-end measurements: the unpruned graph and, to separate the two terms, a pruned one.
 
 ``step(spaces)`` finds where a width's latency curve has its steps (``round_to: "auto"``): the layer's op is timed
 at widths ``M + k`` just above a multiple ``M`` of 64 and the candidate step whose staircase fits the times best

@@ -54,8 +54,6 @@ def node_ms(gm: fx.GraphModule, inputs: tuple, names: Collection[str], repeats: 
     return {k: statistics.median(v) for k, v in timer.ms.items()}
 
 
-
-
 def node_kind(gm: fx.GraphModule, node: fx.Node) -> str:
     """What a node runs: its module's class, or its function's or method's name (nodes of one kind share a cost
     per call and per element)."""

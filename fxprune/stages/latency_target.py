@@ -56,7 +56,7 @@ def _pruned_copy(gm: fx.GraphModule, planner: Planner, removed: np.ndarray, inpu
 
 
 def calibrate(gm: fx.GraphModule, planner: Planner, fraction: float, inputs: tuple) -> None:
-    """Weigh ``planner``'s table's volume entries by their times inside ``gm`` and calibrate it on ``gm`` timed on
+    """Weigh ``planner``'s table's entries by their times inside ``gm`` and calibrate it on ``gm`` timed on
     ``inputs``. Where the weighing found nothing to go by, the calibration also times ``gm`` pruned by the planner's
     plan removing ``fraction`` of its MACs (the probe), interleaved, to fit the cost per element."""
     table = planner.latency
@@ -183,7 +183,7 @@ def corrected(gm: fx.GraphModule, planner: Planner, rel: float,
             more_dense, more = _timed(gm, trial, inputs, wanted)
             dense, samples = dense + more_dense, samples + more
         dense_ms, measured = statistics.median(dense), statistics.median(samples)
-        predicted = float(table.predict(planner.new_sizes(removed)) / table.base_ms) if table.base_ms else 1.0
+        predicted = table.predict(planner.new_sizes(removed)) / table.base_ms if table.base_ms else 1.0
         log.info("latency target: requested %.3f of the latency, planned %.3f, predicted %.3f, measured %.3f "
                  "(%.2f of %.2f ms, %d rounds)", wanted, 1.0 - internal, predicted, measured, measured * dense_ms,
                  dense_ms, len(samples))
