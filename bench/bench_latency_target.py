@@ -85,6 +85,7 @@ def targets(models: list[str], batches: list[int], goals: list[float], runs: int
                 macs = _macs(pruned, x) / _macs(model, x)
                 rows.append({"model": name, "batch": batch, "requested": 1 - goal,
                              "predicted": s["latency_predicted_ratio"], "measured_in_plan": s["latency_measured_ratio"],
+                             "graph_in_plan": s["latency_graph_ratio"], "reference": s["latency_reference_ratio"],
                              "measured": measured, "macs_ratio": macs, "efficiency": (1 / measured) / (1 / macs),
                              "corrections": int(s["latency_corrections"]), "table_s": s["latency_table_s"],
                              "compile_s": time.perf_counter() - start})

@@ -16,7 +16,7 @@ from .capture.leaves import capture_lines
 from .copies import shared_copy, unshare
 from .criteria import ScoreContext
 from .errors import FxPruneError, ModuleModeError
-from .inputs import as_input_tuple, input_specs
+from .inputs import as_input_tuple, call_with, input_specs
 from .ir.spec import spec_of
 from .passes.graph_diff import snapshot
 from .passes.hf_config import hf_layout
@@ -160,10 +160,16 @@ def prune_graph(module: nn.Module, recipe: Recipe, inputs: tuple, *, data: Any =
         gm.meta[TRACED] = snapshot(gm)
     before = output_spec(gm)
     plan = Plan()
+    given = inputs if bind is None else bind
+
+    def reference(*values: Any) -> Any:  # the model as traced, called as the user calls it
+        return call_with(module, given, values)
+
     for i, stage in enumerate(recipe.stages):
         ctx = ScoreContext(data=data, example_inputs=inputs, evaluate=evaluate, finetune=finetune,
                            options={"stage": f"stages[{i}]"},
-                           analysis_options=dict(MODULE_OPTIONS) if module_mode else {})
+                           analysis_options=dict(MODULE_OPTIONS) if module_mode else {},
+                           reference=reference if i == 0 else None, output=output)
         plan = plan.compose(stage.run(gm, ctx))
     after = output_spec(gm)
     if before != after:

@@ -24,7 +24,10 @@ class ScoreContext:
     ``data``: calibration data (an iterable of input batches, or of ``(inputs, labels)`` pairs);
     ``evaluate(model) -> float`` and ``finetune(model, step)``: user callbacks from ``fxprune.compile``;
     ``analysis_options``: options every stage adds to its own analysis options (and records in its plan), e.g.
-    ``{"chunks": "even"}`` from ``output="module"``.
+    ``{"chunks": "even"}`` from ``output="module"``;
+    ``reference``: the model as the user calls it, taking the graph's positional inputs, while the graph is still as
+    traced (the first stage only): latency targets are fractions of its time; ``output``: what ``compile`` returns
+    (``"graph"`` or ``"module"``), which decides how the traced graph's own overhead carries over to the result.
     """
 
     seed: int = 0
@@ -34,6 +37,8 @@ class ScoreContext:
     finetune: Any = None
     options: dict[str, Any] = field(default_factory=dict)
     analysis_options: dict[str, Any] = field(default_factory=dict)
+    reference: Callable[..., Any] | None = None
+    output: str = "graph"
 
 
 class Criterion(Protocol):

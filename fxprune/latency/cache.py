@@ -143,7 +143,7 @@ def median_halfwidth(samples: Sequence[float]) -> float:
     return 1.96 * 1.2533 * (q3 - q1) / 1.349 / len(samples) ** 0.5
 
 
-def round_ratios(models: Sequence[torch.nn.Module], inputs: tuple, repeats: int = 9, warmup: int = 1,
+def round_ratios(models: Sequence[Callable[..., object]], inputs: tuple, repeats: int = 9, warmup: int = 1,
                  precision: float | None = None,
                  max_s: float = 0.0) -> tuple[list[list[float]], list[list[float]]]:
     """Milliseconds of each model on ``inputs`` in each of ``repeats`` interleaved rounds (see ``interleaved_ms``),
@@ -167,7 +167,7 @@ def round_ratios(models: Sequence[torch.nn.Module], inputs: tuple, repeats: int 
     return times, ratios()
 
 
-def model_ratios(models: Sequence[torch.nn.Module], inputs: tuple, repeats: int = 9,
+def model_ratios(models: Sequence[Callable[..., object]], inputs: tuple, repeats: int = 9,
                  warmup: int = 1) -> tuple[list[float], list[float]]:
     """Median milliseconds of each model on ``inputs``, and the median over rounds of each model's time divided by
     the first model's in the same round (``round_ratios``). The per-round ratio cancels the machine's drift between

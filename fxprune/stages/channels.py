@@ -25,7 +25,7 @@ from ..plan import Plan
 from ..planner import Budget, Planner, group_key
 from ..recover import stage_begin, stage_finish
 from .base import ChannelPruningStage, RecoveringStage, register_stage, validate_counts
-from .latency_target import calibrate, corrected, latency_table, resolve_budget
+from .latency_target import calibrate, corrected, graph_ratio, in_user_terms, latency_table, resolve_budget
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +137,7 @@ def prune_channels(gm: fx.GraphModule, stage: ChannelPruningStage, ctx: ScoreCon
     plan = Plan()
     base: dict[str, float] = {}
     kind = stage.target_kind
+    removing, reference, first_ms = stage.target_value, 1.0, 0.0  # latency: in the traced graph's terms
     for step in range(1, steps + 1):
         a = analyze(gm, stage.ignore, options)
         table = None
@@ -151,15 +152,19 @@ def prune_channels(gm: fx.GraphModule, stage: ChannelPruningStage, ctx: ScoreCon
         if groups is not None and not planner.orders:
             log.warning("%s stage: nothing of this kind is prunable in this model", stage.kind)
         if kind == "latency":
-            calibrate(gm, planner, stage.target_value / steps, inputs)
+            measured = calibrate(gm, planner, stage.target_value / steps, inputs, ctx.reference if step == 1 else None)
+            if step == 1:
+                reference = measured
+                removing = 1.0 - graph_ratio(1.0 - stage.target_value, reference, ctx.output)
         base = base or {"macs": planner.counter.base_macs, "params": planner.counter.total_params,
                         "latency": table.base_ms if table is not None and kind == "latency" else 0.0}
-        goal = stage.target_value * step / steps
+        goal = removing * step / steps
         stats: dict[str, float] = {}
         if kind == "latency":
             assert table is not None
             rel = max(0.0, 1 - (1 - goal) * base["latency"] / table.base_ms) if table.base_ms else 0.0
             removed, stats = corrected(gm, planner, rel, inputs)
+            first_ms = first_ms or stats["latency_base_ms"]
         elif kind == "sparsity" and budget.scope == "local":
             rel = goal  # local fractions count the units earlier steps removed
         elif kind == "sparsity":
@@ -180,6 +185,8 @@ def prune_channels(gm: fx.GraphModule, stage: ChannelPruningStage, ctx: ScoreCon
         log.info("stage %s step %d/%d: %d units removed", stage.kind, step, steps, len(removed))
         ShrinkChannels(step_plan, inputs, a)(gm)
         plan = plan.compose(step_plan)
+    if kind == "latency":  # the stats as ratios to the model as the user gets it
+        plan.stats = in_user_terms(plan.stats, first_ms, 1.0 - stage.target_value, reference, ctx.output)
     stage_finish(dense, gm, plan, stage, ctx)
     return plan
 

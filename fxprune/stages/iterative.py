@@ -39,7 +39,7 @@ from ..plan import Plan
 from ..planner import Planner, group_key
 from ..recover import stage_begin, stage_finish
 from .base import RecoveringStage, is_number, register_stage, validate_counts
-from .latency_target import calibrate, latency_table, resolve_budget
+from .latency_target import calibrate, graph_ratio, latency_table, resolve_budget, user_ratio
 
 log = logging.getLogger(__name__)
 
@@ -159,6 +159,7 @@ def run_iterative_stage(gm: fx.GraphModule, stage: IterativeStage, ctx: ScoreCon
     criterion = get_criterion(stage.criterion)
     budget = stage.budget()
     plan, base, alpha, met = Plan(), None, float(stage.alpha), False
+    keep, reference = 1 - stage.target_value, 1.0  # the part of the metric to keep; the graph's time over the model's
     dense_gm = copy.deepcopy(gm) if stage.metric == "latency" else None
     for step in range(1, stage.steps + 1):
         a = analyze(gm, stage.ignore, ctx.analysis_options)
@@ -169,10 +170,13 @@ def run_iterative_stage(gm: fx.GraphModule, stage: IterativeStage, ctx: ScoreCon
             budget = resolve_budget(a, budget, stage.round_to, table, None)
         planner = Planner(a, criterion.score(a, ctx), budget, latency=table)
         if stage.metric == "latency":
-            calibrate(gm, planner, stage.target_value / stage.steps, inputs)
+            measured = calibrate(gm, planner, stage.target_value / stage.steps, inputs,
+                                 ctx.reference if step == 1 else None)
+            if step == 1:  # the request about the user's model, in the traced graph's terms
+                reference, keep = measured, graph_ratio(1 - stage.target_value, measured, ctx.output)
         now = _amount(planner, stage.metric, {})
         base = base if base is not None else now
-        need = 1 - (1 - stage.target_value) * base / now if now else 0.0
+        need = 1 - keep * base / now if now else 0.0
         if need <= 1e-12:
             met = True
             break
@@ -200,7 +204,7 @@ def run_iterative_stage(gm: fx.GraphModule, stage: IterativeStage, ctx: ScoreCon
             ctx.finetune(gm, step)
         gm.eval()
         alpha = max(0.0, alpha - stage.alpha_decay)
-        if counts[stage.metric] <= (1 - stage.target_value) * base * (1 + 1e-12):
+        if counts[stage.metric] <= keep * base * (1 + 1e-12):
             met = True
             break
     if not met:
@@ -208,9 +212,10 @@ def run_iterative_stage(gm: fx.GraphModule, stage: IterativeStage, ctx: ScoreCon
                     stage.steps)
     plan.stats = {**plan.stats, "target_met": int(met)}
     if dense_gm is not None:  # what the lookup table's plan measures end to end
-        (dense_ms, _), (_, measured) = model_ratios([dense_gm, gm], inputs)
-        plan.stats = {**plan.stats, "latency_base_ms": dense_ms, "latency_measured_ms": measured * dense_ms,
-                      "latency_measured_ratio": measured,
+        (dense_ms, _), (_, graph) = model_ratios([dense_gm, gm], inputs)
+        plan.stats = {**plan.stats, "latency_base_ms": dense_ms, "latency_measured_ms": graph * dense_ms,
+                      "latency_graph_ratio": graph, "latency_reference_ratio": reference,
+                      "latency_measured_ratio": user_ratio(graph, reference, ctx.output),
                       "latency_requested_ratio": 1 - stage.target_value}
     return plan
 

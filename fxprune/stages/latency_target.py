@@ -21,7 +21,8 @@ import copy
 import dataclasses
 import logging
 import statistics
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
+from typing import Any
 
 import numpy as np
 import torch.fx as fx
@@ -55,14 +56,18 @@ def _pruned_copy(gm: fx.GraphModule, planner: Planner, removed: np.ndarray, inpu
     return trial
 
 
-def calibrate(gm: fx.GraphModule, planner: Planner, fraction: float, inputs: tuple) -> None:
+def calibrate(gm: fx.GraphModule, planner: Planner, fraction: float, inputs: tuple,
+              reference: Callable[..., Any] | None = None) -> float:
     """Weigh ``planner``'s table's entries by their times inside ``gm`` and calibrate it on ``gm`` timed on
     ``inputs``. Where the weighing found nothing to go by, the calibration also times ``gm`` pruned by the planner's
-    plan removing ``fraction`` of its MACs (the probe), interleaved, to fit the cost per element."""
+    plan removing ``fraction`` of its MACs (the probe), interleaved, to fit the cost per element.
+
+    Returns the reference ratio: ``gm``'s time over ``reference``'s (the model as the user calls it, timed in the
+    same rounds; ``graph_ratio`` turns a request about the user's model into one about ``gm``), 1.0 without one."""
     table = planner.latency
     assert table is not None
     table.weigh(node_ms(gm, inputs, [e.node for e in table.entries]))  # before the fit
-    models: list[fx.GraphModule] = [gm]
+    models: list[Callable[..., Any]] = [gm]
     probe = np.zeros(0, np.int64)
     if fraction > 0 and not table.rate:  # an unweighed table fits its cost per element on a second timing
         try:
@@ -71,12 +76,57 @@ def calibrate(gm: fx.GraphModule, planner: Planner, fraction: float, inputs: tup
             log.info("latency calibration without a probe: %s", exc)
     if len(probe):
         models.append(_pruned_copy(gm, planner, probe, inputs))
+    if reference is not None:
+        models.append(reference)
     rounds, samples = round_ratios(models, inputs, repeats=REPEATS, precision=TOLERANCE / 2, max_s=TIMING_S)
     times, ratios = [statistics.median(t) for t in rounds], [statistics.median(r) for r in samples]
     points: list[tuple[dict, float]] = [({}, times[0])]
     if len(probe):
         points.append((planner.new_sizes(probe), ratios[1] * times[0]))
     table.calibrate(points)
+    if reference is None:
+        return 1.0
+    ratio = statistics.median(1.0 / r for r in samples[-1])  # per round: gm over the reference
+    log.info("latency reference: the traced graph takes %.3f of the model's time (%.2f vs %.2f ms)", ratio,
+             times[0], times[-1])
+    return ratio
+
+
+def graph_ratio(wanted: float, reference: float, output: str = "graph") -> float:
+    """The latency ratio to the unpruned traced graph at which the result keeps ``wanted`` of the user's model's
+    latency, where the unpruned graph takes ``reference`` times the model's (``calibrate``).
+
+    The graph's own overhead over the model (``reference - 1`` of the model's time: its attribute lookups and calls
+    per node) does not shrink with the channels. A ``"graph"`` result keeps it, so the graph must reach ``wanted /
+    reference``; a ``"module"`` result (the model's own forward) sheds it, so the pruned graph may keep it on top:
+    ``(wanted + reference - 1) / reference``. Kept within [0.01, 1]."""
+    if reference <= 0:
+        raise ValueError(f"reference ratio must be positive, got {reference}")
+    ratio = (wanted + reference - 1.0) / reference if output == "module" else wanted / reference
+    return min(1.0, max(0.01, ratio))
+
+
+def user_ratio(graph: float, reference: float, output: str = "graph") -> float:
+    """``graph_ratio``'s inverse: the latency ratio to the user's model of a result whose graph measured ``graph``
+    of the unpruned graph's latency."""
+    return graph * reference - (reference - 1.0) if output == "module" else graph * reference
+
+
+def in_user_terms(stats: dict[str, float], base_ms: float, wanted: float, reference: float,
+                  output: str) -> dict[str, float]:
+    """``corrected``'s stats of the last step as ratios to the user's model: ``latency_measured_ratio``,
+    ``latency_predicted_ratio`` and ``latency_planned_ratio`` from the last step's milliseconds over ``base_ms`` (the
+    unpruned graph's, from the first step) through ``user_ratio``; ``latency_graph_ratio`` is the measured ratio to
+    the unpruned graph, ``latency_reference_ratio`` the graph's time over the model's, ``latency_requested_ratio``
+    ``wanted``."""
+    step_base = stats["latency_base_ms"]
+    graph = stats["latency_measured_ms"] / base_ms
+    planned = stats["latency_planned_ratio"] * step_base / base_ms
+    return {**stats, "latency_base_ms": base_ms, "latency_graph_ratio": graph,
+            "latency_measured_ratio": user_ratio(graph, reference, output),
+            "latency_predicted_ratio": user_ratio(stats["latency_predicted_ms"] / base_ms, reference, output),
+            "latency_planned_ratio": user_ratio(planned, reference, output),
+            "latency_reference_ratio": reference, "latency_requested_ratio": wanted}
 
 
 def resolve_budget(a: Analysis, budget: Budget, round_to: object, table: LatencyTable | None,
@@ -214,5 +264,5 @@ def corrected(gm: fx.GraphModule, planner: Planner, rel: float,
     return removed, stats
 
 
-__all__ = ["latency_table", "calibrate", "resolve_budget", "corrected", "next_target", "TOLERANCE",
-           "MAX_CORRECTIONS", "MAX_SHIFT"]
+__all__ = ["latency_table", "calibrate", "graph_ratio", "user_ratio", "in_user_terms", "resolve_budget", "corrected",
+           "next_target", "TOLERANCE", "MAX_CORRECTIONS", "MAX_SHIFT"]

@@ -1,7 +1,11 @@
 """``target: {"latency": f}`` and ``round_to: "auto"``: the planner on a synthetic lookup table, the end-to-end
 stage on small real models (masked == shrunk), the auto steps recorded in and replayed from the plan, the report,
-the command line. No wall-clock speed is asserted here (speed targets live in bench/bench_latency_target.py)."""
+the command line, the conversion of a request about the user's model into one about its traced graph. No
+wall-clock speed is asserted here (speed targets live in bench/bench_latency_target.py); the one timed ratio checked
+is set by a sleep in a model's forward."""
 from __future__ import annotations
+
+import time
 
 import numpy as np
 import pytest
@@ -15,10 +19,18 @@ from fxprune.analysis import analyze
 from fxprune.cli import target_spec
 from fxprune.criteria import ScoreContext, get_criterion
 from fxprune.errors import BudgetError, RecipeError
-from fxprune.latency import LatencyTable
+from fxprune.latency import LatencyTable, model_ratios
 from fxprune.plan import Plan
 from fxprune.planner import Budget, Planner
-from fxprune.stages.latency_target import MAX_CORRECTIONS, MAX_SHIFT, TOLERANCE, next_target
+from fxprune.stages.latency_target import (
+    MAX_CORRECTIONS,
+    MAX_SHIFT,
+    TOLERANCE,
+    graph_ratio,
+    in_user_terms,
+    next_target,
+    user_ratio,
+)
 from fxprune.testing import channel_recipe, prune_and_check
 from fxprune.trace import record_shapes, trace
 from fxprune.work import count_work
@@ -124,6 +136,69 @@ def test_a_target_out_of_reach_is_measured_on_the_most_pruned_plan_then_refused(
     with pytest.raises(BudgetError, match=r"latency target 0\.970 cannot be met.*measured, that plan keeps"):
         fxprune.compile(model, channel_recipe(0.97, "latency"), example_inputs=x)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+def test_graph_ratio_converts_a_request_about_the_model_into_one_about_the_traced_graph() -> None:
+    """The traced graph takes ``r`` times the model's time; its overhead ``(r - 1) E`` stays in a graph result and
+    leaves a module result. Checked on explicit milliseconds: model E = 10, graph G = 10 r, pruned graph P."""
+    for r in (0.8, 1.0, 1.04):
+        for wanted in (0.3, 0.5, 0.7):
+            e, g = 10.0, 10.0 * r
+            p = graph_ratio(wanted, r, "graph") * g  # a graph result takes P
+            assert p / e == pytest.approx(wanted)
+            p = graph_ratio(wanted, r, "module") * g  # a module result takes P minus the graph's overhead
+            assert (p - (g - e)) / e == pytest.approx(wanted)
+            for output in ("graph", "module"):
+                assert user_ratio(graph_ratio(wanted, r, output), r, output) == pytest.approx(wanted)
+    assert graph_ratio(0.9, 0.8) == 1.0 and graph_ratio(0.1, 0.5, "module") == 0.01  # kept within [0.01, 1]
+    with pytest.raises(ValueError, match="positive"):
+        graph_ratio(0.5, 0.0)
+    stats = {"latency_base_ms": 8.0, "latency_measured_ms": 4.0, "latency_measured_ratio": 0.5,
+             "latency_predicted_ms": 4.4, "latency_predicted_ratio": 0.55, "latency_planned_ratio": 0.6}
+    # a second step's stats (its own base 8 ms) over the first step's 10 ms, with r = 1.1 and a graph result
+    user = in_user_terms(stats, 10.0, 0.45, 1.1, "graph")
+    assert user["latency_graph_ratio"] == pytest.approx(0.4) and user["latency_measured_ratio"] == pytest.approx(0.44)
+    assert user["latency_predicted_ratio"] == pytest.approx(0.484) and user["latency_planned_ratio"] == \
+        pytest.approx(0.528)
+    assert user["latency_requested_ratio"] == 0.45 and user["latency_base_ms"] == 10.0
+
+
+class SlowForward(ResCatNet):
+    """ResCatNet whose own forward also sleeps: the traced graph (which has no sleep) is about twice as fast."""
+
+    sleep_s = 0.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        time.sleep(self.sleep_s)
+        return super().forward(x)
+
+
+@pytest.mark.parametrize("output", ["graph", "module"])
+def test_a_latency_target_is_a_fraction_of_the_model_as_the_user_calls_it(output: str) -> None:
+    """The stage measures the traced graph against the user's model and converts the request (``graph_ratio``). Here
+    the model's forward sleeps as long as its graph computes (reference ratio ~0.5). Removing 25% of the model's
+    latency: a graph result already does without pruning; a module result keeps the sleep, so its graph must lose
+    about half of its time. The module result is timed against the model independently."""
+    torch.manual_seed(0)
+    model = SlowForward(width=32, fuse=32, classes=10).eval()
+    x = torch.randn(1, 3, 64, 64)
+    (graph_ms,), _ = model_ratios([trace(model, example_inputs=(x,))], (x,))
+    model.sleep_s = graph_ms / 1e3
+    recipe = channel_recipe(0.25, "latency", round_to=4)
+    if output == "graph":
+        pruned = prune_and_check(model, recipe, x)
+        stats = pruned.fxprune_plan.stats
+        assert 0.3 < stats["latency_reference_ratio"] < 0.7, stats
+        assert all(not g["removed"] for g in pruned.fxprune_plan.groups), "a met request removed channels"
+        assert stats["latency_measured_ratio"] <= 0.75
+        return
+    pruned = fxprune.compile(model, recipe, example_inputs=x, output="module")
+    stats = pruned.fxprune_plan.stats
+    r = stats["latency_reference_ratio"]
+    assert 0.3 < r < 0.7 and type(pruned) is SlowForward, stats
+    assert stats["latency_graph_ratio"] == pytest.approx(graph_ratio(0.75, r, "module"), abs=0.1), stats
+    _, (_, measured) = model_ratios([model, pruned], (x,), repeats=15)
+    assert measured == pytest.approx(0.75, abs=0.1), (measured, stats)
 
 
 def test_round_to_auto_is_recorded_in_the_plan_and_replayed_from_it(tmp_path) -> None:
