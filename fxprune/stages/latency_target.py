@@ -7,6 +7,10 @@
   widths (norms, activations, pooling, adds) is told apart from the part that does not (the interpreter, per-call
   costs, fixed-size ops). A table with nothing to weigh by fits its cost per element on a second timing, of the
   graph pruned by the planner's MACs plan at the requested fraction (a probe).
+- The request is about the model as the user calls it (``ScoreContext.reference``, the first stage only), which
+  ``calibrate`` times in the same rounds as the traced graph: ``graph_ratio`` turns it into a ratio of the traced
+  graph for the kind of result ``compile`` returns, and ``in_user_terms`` states the plan's stats back as ratios to
+  the user's model.
 - ``resolve_budget`` turns ``round_to: "auto"`` into one step per group (``Budget.group_round_to``), read off the
   table (``LatencyTable.step``); the stage records the choice in ``Plan.round_to``.
 - ``corrected`` checks a latency plan end to end: the pruned graph and the unpruned one are timed interleaved, and
