@@ -9,8 +9,8 @@ Run (one command; ``--quick`` is a small-scale smoke run, the full run is for a 
 
 1. ``targets``: resnet50, mobilenet_v3_large, vit_b_16 (224 px) at batch 1 and 8, 2 threads, ``target: {latency:
    t}`` for t in 0.3 / 0.5 (``channels``, l2, ``round_to: 8``): requested latency ratio, the plan's predicted and
-   measured ratios, a fresh interleaved re-measurement, MACs ratio (pruned / dense) and efficiency
-   (speed-up / MACs reduction).
+   measured ratios, a fresh interleaved re-measurement against the model (three pooled timings), MACs ratio
+   (pruned / dense) and efficiency (speed-up / MACs reduction).
 2. ``vs_tp``: resnet50 at batch 1: ``flops: 0.5`` (round_to 8), then a latency target equal to the latency that plan
    measures, then Torch-Pruning (``MetaPruner``, L2 magnitude, round_to 8) bisected to the latency plan's MACs. Its
    MACs jump with its ratio, so the closest plans above and below those MACs are both timed and its latency at
@@ -56,9 +56,10 @@ def _macs(m: torch.nn.Module, x: torch.Tensor) -> int:
     return count_work(m, x[:1])["macs"]
 
 
-def _ratio(dense: torch.nn.Module, pruned: torch.nn.Module, x: torch.Tensor, runs: int) -> float:
-    """The median over interleaved rounds of pruned / dense milliseconds in the same round."""
-    return statistics.median(_pooled_ratios({"dense": dense, "pruned": pruned}, x, runs, 1)[1]["pruned"])
+def _ratio(dense: torch.nn.Module, pruned: torch.nn.Module, x: torch.Tensor, runs: int, timings: int = 1) -> float:
+    """The median over interleaved rounds of pruned / dense milliseconds in the same round (``timings`` timings of
+    ``runs`` rounds, pooled)."""
+    return statistics.median(_pooled_ratios({"dense": dense, "pruned": pruned}, x, runs, timings)[1]["pruned"])
 
 
 def channels(target: dict, round_to: int | str = 8) -> dict:
@@ -81,7 +82,7 @@ def targets(models: list[str], batches: list[int], goals: list[float], runs: int
                     rows.append({"model": name, "batch": batch, "requested": 1 - goal, "error": str(exc)[:80]})
                     continue
                 s = pruned.fxprune_plan.stats
-                measured = _ratio(model, pruned, x, runs)
+                measured = _ratio(model, pruned, x, runs, timings=3)  # three windows: the machine drifts
                 macs = _macs(pruned, x) / _macs(model, x)
                 rows.append({"model": name, "batch": batch, "requested": 1 - goal,
                              "predicted": s["latency_predicted_ratio"], "measured_in_plan": s["latency_measured_ratio"],

@@ -97,7 +97,7 @@ def spell_out_shapes(graph: fx.Graph, values: dict[fx.Node, Any]) -> int:
                     elems.append(inner[a.args[1]] if inner is not None else a)
                 else:
                     elems.append(a)
-        if elems is None or list(elems) == list(shape):
+        if not elems or list(elems) == list(shape):  # not expressible, unchanged, or a 0-d shape (``()``)
             continue
         node.args = (*node.args[:first], *elems, *node.args[last:]) if node.op == "call_method" \
             else (node.args[0], tuple(elems))

@@ -15,9 +15,10 @@
   table (``LatencyTable.step``); the stage records the choice in ``Plan.round_to``.
 - ``corrected`` checks a latency plan end to end: the pruned graph and the unpruned one are timed interleaved, and
   while the measured ratio misses the requested one by more than ``TOLERANCE`` (a try within it is re-timed and
-  judged on the pooled rounds) the planner is re-run against a new planned fraction (``next_target``: a line
-  fitted to the tries so far, then regula falsi once two tries bracket the request; at most ``MAX_CORRECTIONS``
-  times, within ``MAX_SHIFT`` of the request), and the try whose measured ratio is closest to the request wins.
+  judged on the pooled rounds; one that stays beyond half of it gets one more try) the planner is re-run against a
+  new planned fraction (``next_target``: a line fitted to the tries so far, then regula falsi once two tries
+  bracket the request; at most ``MAX_CORRECTIONS`` times, within ``MAX_SHIFT`` of the request), and the try whose
+  measured ratio is closest to the request wins.
 """
 from __future__ import annotations
 
@@ -207,7 +208,8 @@ def corrected(gm: fx.GraphModule, planner: Planner, rel: float,
               inputs: tuple) -> tuple[np.ndarray, dict[str, float]]:
     """The planner's plan for the fraction ``rel`` of ``gm``'s latency, corrected until the pruned graph's
     measured latency ratio is within ``TOLERANCE`` of ``1 - rel``; returns the units closest to the request among
-    those tried, and the latency stats.
+    those tried, and the latency stats. A try within ``TOLERANCE`` but not within half of it gets one more try
+    towards the request: a result accepted at the tolerance's edge would leave the next timing's noise no room.
 
     When the table predicts ``rel`` out of reach, its most-pruned plan (``Planner.latency_floor``) is measured
     instead: the prediction may be pessimistic (a noisy calibration). If that plan also misses the request by more
@@ -230,6 +232,7 @@ def corrected(gm: fx.GraphModule, planner: Planner, rel: float,
         log.info("latency target: %s; measuring the table's most-pruned plan (predicted %.3f)", exc, 1 - internal)
     tried: list[tuple[float, float, float]] = []
     results: list[tuple[float, np.ndarray, dict[str, float]]] = []
+    refined = False
     while True:
         trial = _pruned_copy(gm, planner, removed, inputs)
         dense, samples = _timed(gm, trial, inputs, wanted)
@@ -246,9 +249,13 @@ def corrected(gm: fx.GraphModule, planner: Planner, rel: float,
             "latency_base_ms": dense_ms, "latency_measured_ms": measured * dense_ms,
             "latency_measured_ratio": measured, "latency_predicted_ratio": predicted,
             "latency_predicted_ms": predicted * dense_ms, "latency_planned_ratio": float(1.0 - internal)}))
-        if abs(measured - wanted) <= TOLERANCE * wanted or len(tried) > MAX_CORRECTIONS:
+        error = abs(measured - wanted)
+        if error <= TOLERANCE * wanted / 2 or refined or len(tried) > MAX_CORRECTIONS:
             break
+        refined = error <= TOLERANCE * wanted  # within the tolerance, off centre: one more try, the closest wins
         if short is not None:
+            if measured > wanted and refined:  # within the tolerance, and no plan prunes more
+                break
             if measured > wanted:  # the most-pruned plan is too slow: the target is out of reach
                 raise BudgetError(f"{short}; measured, that plan keeps {measured:.3f} of the latency "
                                   f"(requested {wanted:.3f})") from short

@@ -52,3 +52,23 @@ def test_hf_vit_pruned_exports_and_compiles_fullgraph() -> None:
     with torch.no_grad():
         torch.testing.assert_close(exported(x).logits, pruned(x).logits)
     assert_compiles(pruned, x)
+
+
+def test_hf_bert_mask_builder_keeps_its_0d_shape() -> None:
+    """BERT with ``input_ids`` and an all-ones ``attention_mask``: ``transformers.masking_utils`` builds the mask with
+    ``q_idx.new_ones((), ...)``, a 0-d shape that the capture's shape spelling used to drop (the traced graph then
+    failed on the example inputs). The model prunes, masked == shrunk. Not covered yet: eager attention or a padded
+    mask, whose path calls ``torch.finfo`` on a traced dtype and leaves the whole ``BertModel`` unpruned (an
+    automatic leaf)."""
+    import transformers
+
+    config = transformers.BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                                     vocab_size=100)  # default (sdpa) attention
+    torch.manual_seed(0)
+    model = transformers.BertForSequenceClassification(config).eval()
+    ids = torch.randint(1, 100, (2, 16))
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    pruned = prune_and_check(model, channel_recipe(0.3, "flops"), inputs)
+    assert sum(p.numel() for p in pruned.parameters()) < sum(p.numel() for p in model.parameters())
+    ones = [n for n in pruned.graph.nodes if n.op == "call_method" and n.target == "new_ones"]
+    assert ones and all(n.args[1:2] == ((),) for n in ones), [n.format_node() for n in ones]
