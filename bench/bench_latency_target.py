@@ -81,6 +81,7 @@ def targets(models: list[str], batches: list[int], goals: list[float], runs: int
                     log.warning("%s batch %d latency %.2f: %s", name, batch, goal, exc)
                     rows.append({"model": name, "batch": batch, "requested": 1 - goal, "error": str(exc)[:80]})
                     continue
+                compile_s = time.perf_counter() - start
                 s = pruned.fxprune_plan.stats
                 measured = _ratio(model, pruned, x, runs, timings=3)  # three windows: the machine drifts
                 macs = _macs(pruned, x) / _macs(model, x)
@@ -89,7 +90,7 @@ def targets(models: list[str], batches: list[int], goals: list[float], runs: int
                              "graph_in_plan": s["latency_graph_ratio"], "reference": s["latency_reference_ratio"],
                              "measured": measured, "macs_ratio": macs, "efficiency": (1 / measured) / (1 / macs),
                              "corrections": int(s["latency_corrections"]), "table_s": s["latency_table_s"],
-                             "compile_s": time.perf_counter() - start})
+                             "compile_s": compile_s})
                 log.warning("%s", rows[-1])
     return rows
 
