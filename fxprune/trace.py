@@ -99,6 +99,8 @@ class PruneTracer(fx.Tracer):
         return super().is_leaf_module(m, module_qualified_name)
 
     def call_module(self, m: nn.Module, forward: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+        if m is not self.root and not self._installed(m):  # built inside forward (``nn.ReLU()(x)``): its code
+            return forward(*args, **kwargs)  # is traced through, it has no parameters to prune
         self.module_path.append(self.path_of_module(m) if self.module_path or m is not self.root else "")
         try:
             return super().call_module(m, forward, args, kwargs)
@@ -108,6 +110,14 @@ class PruneTracer(fx.Tracer):
             raise
         finally:
             self.module_path.pop()
+
+
+    def _installed(self, m: nn.Module) -> bool:
+        try:
+            self.path_of_module(m)
+        except NameError:
+            return next(m.parameters(), None) is not None or next(m.buffers(), None) is not None
+        return True
 
 
 def _user_frame(exc: BaseException) -> str:

@@ -52,6 +52,13 @@ def _on_meta(node: fx.Node, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     return args, kwargs
 
 
+def _dtype(value: Any) -> torch.dtype:
+    """A traced dtype's value (``torch.finfo(x.dtype)``)."""
+    if not isinstance(value, torch.dtype):
+        raise TraceError(f"expected a dtype, got {type(value).__name__}")
+    return value
+
+
 def _ints(value: Any) -> bool:
     return isinstance(value, (tuple, list)) and bool(value) and all(type(v) is int for v in value)
 
@@ -119,6 +126,22 @@ class ConcreteTracer(PruneTracer):
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return module_qualified_name in self.auto_leaves or super().is_leaf_module(m, module_qualified_name)
+
+    def trace(self, root: Any, concrete_args: Any = None) -> fx.Graph:
+        """``fx.Tracer.trace`` with ``torch.finfo`` / ``torch.iinfo`` answering a traced dtype from the example run
+        (a decision, like any other Python number): Hugging Face mask code writes ``torch.finfo(x.dtype).min``."""
+        real = torch.finfo, torch.iinfo
+
+        def answered(info: Any) -> Callable[..., Any]:
+            def call(*args: Any) -> Any:
+                return info(*[self.decide_scalar(a, _dtype) if isinstance(a, fx.Proxy) else a for a in args])
+            return call
+
+        torch.finfo, torch.iinfo = answered(real[0]), answered(real[1])  # type: ignore[misc, assignment]
+        try:
+            return super().trace(root, concrete_args)
+        finally:
+            torch.finfo, torch.iinfo = real  # type: ignore[misc]
 
     def proxy(self, node: fx.Node) -> fx.Proxy:
         return ConcreteProxy(node, self)

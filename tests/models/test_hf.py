@@ -54,21 +54,40 @@ def test_hf_vit_pruned_exports_and_compiles_fullgraph() -> None:
     assert_compiles(pruned, x)
 
 
-def test_hf_bert_mask_builder_keeps_its_0d_shape() -> None:
-    """BERT with ``input_ids`` and an all-ones ``attention_mask``: ``transformers.masking_utils`` builds the mask with
-    ``q_idx.new_ones((), ...)``, a 0-d shape that the capture's shape spelling used to drop (the traced graph then
-    failed on the example inputs). The model prunes, masked == shrunk. Not covered yet: eager attention or a padded
-    mask, whose path calls ``torch.finfo`` on a traced dtype and leaves the whole ``BertModel`` unpruned (an
-    automatic leaf)."""
+TEXT_MODELS = {  # name: (config class, config fields, attention, whether a part stays an automatic leaf)
+    "BertForSequenceClassification": ("BertConfig", {}, "sdpa", True),
+    "BertForSequenceClassification-eager": ("BertConfig", {}, "eager", True),
+    "RobertaForSequenceClassification": ("RobertaConfig", {}, "eager", False),
+    "DistilBertForSequenceClassification": ("DistilBertConfig", {"dim": 64, "n_layers": 2, "n_heads": 4,
+                                                                 "hidden_dim": 128}, "eager", False),
+    "LlamaForCausalLM": ("LlamaConfig", {"num_key_value_heads": 2, "use_cache": False}, "eager", False),
+}
+
+
+@pytest.mark.parametrize("name", TEXT_MODELS)
+def test_hf_text_model_with_a_padded_attention_mask_prunes(name: str) -> None:
+    """Text models from small configs with ``input_ids`` and a padded ``attention_mask``. What their code needs of
+    the capture: ``transformers.masking_utils`` builds masks with ``q_idx.new_ones((), ...)`` (a 0-d shape the shape
+    spelling must keep) and ``torch.finfo(dtype).min`` of a traced dtype (answered from the example run); DistilBERT
+    calls ``nn.ReLU()(x)``, a module built inside forward (traced through). Masked == shrunk, fewer parameters, the
+    same logits shape. BERT's embeddings stay an automatic leaf (a buffer sliced by a traced length and expanded
+    to traced sizes), the rest of BERT prunes."""
     import transformers
 
-    config = transformers.BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
-                                     vocab_size=100)  # default (sdpa) attention
+    from fxprune.capture.leaves import capture_lines
+
+    config_cls, fields, attention, leaf = TEXT_MODELS[name]
+    sizes = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 128}
+    config = getattr(transformers, config_cls)(**({} if "dim" in fields else sizes), vocab_size=100, **fields)
+    config._attn_implementation = attention
     torch.manual_seed(0)
-    model = transformers.BertForSequenceClassification(config).eval()
+    model = getattr(transformers, name.split("-")[0])(config).eval()
     ids = torch.randint(1, 100, (2, 16))
-    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    inputs = {"input_ids": ids, "attention_mask": (torch.arange(16) < torch.tensor([[16], [11]])).long()}
     pruned = prune_and_check(model, channel_recipe(0.3, "flops"), inputs)
     assert sum(p.numel() for p in pruned.parameters()) < sum(p.numel() for p in model.parameters())
-    ones = [n for n in pruned.graph.nodes if n.op == "call_method" and n.target == "new_ones"]
-    assert ones and all(n.args[1:2] == ((),) for n in ones), [n.format_node() for n in ones]
+    with torch.no_grad():
+        assert pruned(*inputs.values()).logits.shape == model(**inputs).logits.shape
+    leaves = [line for line in capture_lines(pruned) if line.startswith("auto leaf")]
+    assert bool(leaves) == leaf, leaves
+    assert not any(line.startswith("auto leaf 'bert' ") for line in leaves), leaves  # the encoder is traced
