@@ -100,7 +100,13 @@ class ConcreteAttribute(Attribute, ConcreteProxy):
 
 
 class ConcreteTracer(PruneTracer):
-    """Traces ``model``'s forward called with exactly the bound example inputs (see the module docstring)."""
+    """Traces ``model``'s forward called with exactly the bound example inputs (see the module docstring).
+
+    Buffers read as attributes are proxies too (``proxy_buffer_attributes``): ``self.position_ids[:, :seq_len]``
+    with a traced ``seq_len`` is then a graph node, not a tensor sliced once at trace time, whose methods would
+    refuse traced sizes (Hugging Face BERT's ``token_type_ids.expand(batch_size, seq_length)``)."""
+
+    proxy_buffer_attributes = True
 
     def __init__(self, bound: BoundInputs, leaf_modules: tuple = (), auto_leaves: set[str] | None = None,
                  autowrap_functions: tuple = ()) -> None:
