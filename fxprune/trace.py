@@ -19,7 +19,7 @@ from torch import nn
 from .attribute_snapshot import restoring_attributes
 from .errors import ExampleInputsError, TraceFailure
 from .ir.spec import META, TensorSpec
-from .ops import attention, timm_norm
+from .ops import attention, hf_conv1d, timm_norm
 from .ops.registry import has_module_rule
 
 log = logging.getLogger(__name__)
@@ -172,6 +172,7 @@ def trace(model: nn.Module, leaf_modules: Sequence[str] = (), autowrap_functions
     from .defaults import unbound_defaults
 
     timm_norm.register()  # rules for timm's norm+act layers, which its no-trace registries keep whole
+    hf_conv1d.register()  # transformers' Conv1D (GPT-2)
     attention.register_timm()  # timm's attention-mask helpers (manual attention path)
     if example_inputs is not None and not plain_signature(model, example_inputs):
         return capture(model, example_inputs, leaf_modules, autowrap_functions, strict, stack_traces)

@@ -54,13 +54,16 @@ def test_hf_vit_pruned_exports_and_compiles_fullgraph() -> None:
     assert_compiles(pruned, x)
 
 
+_SIZES = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 128}
 TEXT_MODELS = {  # name: (config class, config fields, attention)
-    "BertForSequenceClassification": ("BertConfig", {}, "sdpa"),
-    "BertForSequenceClassification-eager": ("BertConfig", {}, "eager"),
-    "RobertaForSequenceClassification": ("RobertaConfig", {}, "eager"),
+    "BertForSequenceClassification": ("BertConfig", _SIZES, "sdpa"),
+    "BertForSequenceClassification-eager": ("BertConfig", _SIZES, "eager"),
+    "RobertaForSequenceClassification": ("RobertaConfig", _SIZES, "eager"),
     "DistilBertForSequenceClassification": ("DistilBertConfig", {"dim": 64, "n_layers": 2, "n_heads": 4,
                                                                  "hidden_dim": 128}, "eager"),
-    "LlamaForCausalLM": ("LlamaConfig", {"num_key_value_heads": 2, "use_cache": False}, "eager"),
+    "GPT2ForSequenceClassification": ("GPT2Config", {"n_embd": 64, "n_layer": 2, "n_head": 4, "pad_token_id": 0,
+                                                     "use_cache": False}, "eager"),
+    "LlamaForCausalLM": ("LlamaConfig", {**_SIZES, "num_key_value_heads": 2, "use_cache": False}, "eager"),
 }
 
 
@@ -70,15 +73,15 @@ def test_hf_text_model_with_a_padded_attention_mask_prunes(name: str) -> None:
     the capture: ``transformers.masking_utils`` builds masks with ``q_idx.new_ones((), ...)`` (a 0-d shape the shape
     spelling must keep) and ``torch.finfo(dtype).min`` of a traced dtype (answered from the example run); BERT's
     embeddings slice a buffer by a traced length and expand it to traced sizes (buffers are proxies); DistilBERT
-    calls ``nn.ReLU()(x)``, a module built inside forward (traced through). Masked == shrunk, fewer parameters, the
+    calls ``nn.ReLU()(x)``, a module built inside forward (traced through); GPT-2's layers are ``Conv1D``
+    (``fxprune.ops.hf_conv1d``). Masked == shrunk, fewer parameters, the
     same logits shape, and the whole model traced (no automatic leaf)."""
     import transformers
 
     from fxprune.capture.leaves import capture_lines
 
     config_cls, fields, attention = TEXT_MODELS[name]
-    sizes = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 128}
-    config = getattr(transformers, config_cls)(**({} if "dim" in fields else sizes), vocab_size=100, **fields)
+    config = getattr(transformers, config_cls)(vocab_size=100, **fields)
     config._attn_implementation = attention
     torch.manual_seed(0)
     model = getattr(transformers, name.split("-")[0])(config).eval()
