@@ -10,7 +10,6 @@ kept ``u`` channels with their own ``v`` channels, so it equals the original wit
 from __future__ import annotations
 
 import math
-import sys
 
 import numpy as np
 import torch
@@ -20,10 +19,8 @@ from ..ir.context import RewriteContext, SizeContext
 from ..ir.coupling import Coupling
 from ..ir.space import Space
 from ..nn.gating import PrunedSpatialGatingUnit
-from .registry import OpRule, register_op
+from .registry import OpRule, register_installed, register_op
 from .tensor_attr import resolve
-
-_DONE: list[bool] = []
 
 
 def u_dim(m: nn.Module, channels: int) -> int:
@@ -76,11 +73,4 @@ register_op(PrunedSpatialGatingUnit)(SpatialGatingRule)
 
 def register() -> None:
     """Register the rule for timm's ``SpatialGatingUnit`` (once; only if timm is imported)."""
-    if _DONE or "timm" not in sys.modules:
-        return
-    _DONE.append(True)
-    try:
-        from timm.models.mlp_mixer import SpatialGatingUnit
-    except ImportError:  # a timm without gMLP
-        return
-    register_op(SpatialGatingUnit)(SpatialGatingRule)
+    register_installed("timm.models.mlp_mixer", ["SpatialGatingUnit"], SpatialGatingRule)

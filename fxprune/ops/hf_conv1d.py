@@ -3,71 +3,26 @@ weight is stored transposed, ``(in_features, out_features)``, with ``nf`` output
 features (weight columns, bias), axis 1 = input features (weight rows); leading dims pass through."""
 from __future__ import annotations
 
-import math
-import sys
+from torch import nn
 
-import numpy as np
-import torch
-import torch.fx as fx
-
-from ..ir.context import RewriteContext, SizeContext
-from ..ir.coupling import Coupling
-from .registry import OpRule, register_op
-from .tensor_attr import index_tensor, slice_attr
-
-_DONE: list[bool] = []
+from .linear import LinearRule
+from .registry import register_installed
 
 
-class Conv1DRule(OpRule):
-    name = "linear"
+class Conv1DRule(LinearRule):
+    """A linear layer's ties, slices and counts (``LinearRule``) on the transposed weight."""
 
-    def couple(self, node: fx.Node, c: Coupling) -> None:
-        m = c.module()
-        x, y = c.port(node.args[0]), c.out()
-        if x is None or y is None:
-            return
-        for d in range(x.ndim - 1):
-            c.tie_dims(x, d, y, d)
-        c.tie(y.space(-1), c.param(0, m.weight.shape[1]))
-        c.tie(x.space(-1), c.param(1, m.weight.shape[0]))
+    weight_axes = (1, 0)
 
-    def shrink_module(self, gm: fx.GraphModule, path: str, r: RewriteContext) -> None:
-        m = gm.get_submodule(path)
-        keep_out, keep_in = r.kept_param(path, 0), r.kept_param(path, 1)
-        slice_attr(m, "weight", 1, keep_out)
-        slice_attr(m, "bias", 0, keep_out)
-        slice_attr(m, "weight", 0, keep_in)
-        m.nf = m.weight.shape[1]
-        if hasattr(m, "nx"):
-            m.nx = m.weight.shape[0]
+    @staticmethod
+    def features(m: nn.Module) -> tuple[int, int]:
+        return int(m.weight.shape[1]), int(m.weight.shape[0])
 
-    def param_slices(self, gm: fx.GraphModule, path: str, axis: int, idx: np.ndarray) -> list[tuple[str, torch.Tensor]]:
-        m = gm.get_submodule(path)
-        t = index_tensor(idx, m.weight.device)
-        w = m.weight.detach()
-        if axis == 1:
-            return [("weight_in", w[t])]
-        out = [("weight", w[:, t].t())]
-        if m.bias is not None:
-            out.append(("bias", m.bias.detach()[t].reshape(-1, 1)))
-        return out
-
-    def macs(self, node: fx.Node, s: SizeContext) -> int:
-        return math.prod(s.shape(node)) * s.axis(node.target, 1)
-
-    def param_count(self, gm: fx.GraphModule, path: str, s: SizeContext) -> int:
-        m = gm.get_submodule(path)
-        out, inp = s.axis(path, 0), s.axis(path, 1)
-        return out * inp + (out if m.bias is not None else 0)
+    @staticmethod
+    def set_features(m: nn.Module) -> None:
+        m.nx, m.nf = m.weight.shape
 
 
 def register() -> None:
     """Register the rule for the installed transformers' ``Conv1D`` (once; only if transformers is imported)."""
-    if _DONE or "transformers" not in sys.modules:
-        return
-    _DONE.append(True)
-    try:
-        from transformers.pytorch_utils import Conv1D
-    except ImportError:  # a transformers without it
-        return
-    register_op(Conv1D)(Conv1DRule)
+    register_installed("transformers.pytorch_utils", ["Conv1D"], Conv1DRule)

@@ -11,8 +11,10 @@ Example:
 """
 from __future__ import annotations
 
+import importlib
 import logging
-from collections.abc import Callable, Iterable
+import sys
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -116,6 +118,25 @@ def register_functions(rule_cls: type[OpRule], targets: Iterable[Any]) -> None:
             _MODULES[t] = rule
         else:
             _FUNCTIONS[t] = rule
+
+
+_INSTALLED: set[tuple[str, type]] = set()
+
+
+def register_installed(module: str, names: Sequence[str], rule_cls: type[OpRule]) -> None:
+    """Register ``rule_cls`` for the classes ``names`` that ``module`` of the installed package has, once, and only
+    once the package (``module``'s first part) is imported: fxprune never imports timm or transformers itself."""
+    key = (module, rule_cls)
+    if key in _INSTALLED or module.split(".")[0] not in sys.modules:
+        return
+    _INSTALLED.add(key)
+    try:
+        found = importlib.import_module(module)
+    except ImportError:  # a version without that module
+        return
+    types = [getattr(found, n) for n in names if isinstance(getattr(found, n, None), type)]
+    if types:
+        register_op(*types)(rule_cls)
 
 
 def module_rule(m: nn.Module) -> OpRule | None:

@@ -17,8 +17,6 @@ taps) before a plain convolution; the scaled variants then multiply each filter 
 """
 from __future__ import annotations
 
-import sys
-
 import numpy as np
 import torch
 from torch import fx
@@ -26,13 +24,11 @@ from torch import fx
 from ..ir.context import RewriteContext, SizeContext
 from ..nn.std_conv import PinnedStdConv2d
 from .conv import ConvRule
-from .registry import register_op
+from .registry import register_installed, register_op
 from .tensor_attr import index_tensor, resolve, slice_attr
 
 #: the timm class names this rule covers (those present in the installed timm are registered)
 STD_CONV_NAMES = ("StdConv2d", "StdConv2dSame", "ScaledStdConv2d", "ScaledStdConv2dSame")
-
-_DONE: list[bool] = []
 
 
 class StdConvRule(ConvRule):
@@ -77,11 +73,4 @@ register_op(PinnedStdConv2d)(StdConvRule)
 
 def register() -> None:
     """Register the rule for the weight-standardized convs of the installed timm (once; only if timm is imported)."""
-    if _DONE or "timm" not in sys.modules:
-        return
-    _DONE.append(True)
-    from timm import layers
-
-    types = [getattr(layers, n) for n in STD_CONV_NAMES if isinstance(getattr(layers, n, None), type)]
-    if types:
-        register_op(*types)(StdConvRule)
+    register_installed("timm.layers", STD_CONV_NAMES, StdConvRule)
