@@ -99,8 +99,8 @@ class PruneTracer(fx.Tracer):
         return super().is_leaf_module(m, module_qualified_name)
 
     def call_module(self, m: nn.Module, forward: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
-        if m is not self.root and not self._installed(m):  # built inside forward (``nn.ReLU()(x)``): its code
-            return forward(*args, **kwargs)  # is traced through, it has no parameters to prune
+        if m is not self.root and self._built_in_forward(m):
+            return forward(*args, **kwargs)
         self.module_path.append(self.path_of_module(m) if self.module_path or m is not self.root else "")
         try:
             return super().call_module(m, forward, args, kwargs)
@@ -111,13 +111,14 @@ class PruneTracer(fx.Tracer):
         finally:
             self.module_path.pop()
 
-
-    def _installed(self, m: nn.Module) -> bool:
+    def _built_in_forward(self, m: nn.Module) -> bool:
+        """``m`` is not a submodule of the root and holds no parameters or buffers (``nn.ReLU()(x)`` in a forward):
+        its code is traced through, there is nothing of it to prune. One with parameters keeps torch.fx's error."""
         try:
             self.path_of_module(m)
         except NameError:
-            return next(m.parameters(), None) is not None or next(m.buffers(), None) is not None
-        return True
+            return next(m.parameters(), None) is None and next(m.buffers(), None) is None
+        return False
 
 
 def _user_frame(exc: BaseException) -> str:

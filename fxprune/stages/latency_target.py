@@ -245,11 +245,11 @@ def corrected(gm: fx.GraphModule, planner: Planner, rel: float,
                  "(%.2f of %.2f ms, %d rounds)", wanted, 1.0 - internal, predicted, measured, measured * dense_ms,
                  dense_ms, len(samples))
         tried.append((internal, predicted, measured))
-        results.append((abs(measured - wanted), removed, {
+        error = abs(measured - wanted)
+        results.append((error, removed, {
             "latency_base_ms": dense_ms, "latency_measured_ms": measured * dense_ms,
             "latency_measured_ratio": measured, "latency_predicted_ratio": predicted,
             "latency_predicted_ms": predicted * dense_ms, "latency_planned_ratio": float(1.0 - internal)}))
-        error = abs(measured - wanted)
         if error <= TOLERANCE * wanted / 2 or refined or len(tried) > MAX_CORRECTIONS:
             break
         refined = error <= TOLERANCE * wanted  # within the tolerance, off centre: one more try, the closest wins
